@@ -1,0 +1,121 @@
+"""Chunk-causal self-attention behind one function, and per-chunk cross-attention to captions.
+
+Backends (model.attention_backend):
+  reference     SDPA with a dense boolean mask; runs anywhere; ground truth for the others.
+  sdpa_chunked  one unmasked SDPA per query chunk over its contiguous key slice (cuDNN/flash on GPU).
+  flex          torch flex_attention with a block mask (GPU; compiled).
+  flash_attn    flash-attn's kernel per query chunk (optional package).
+All take q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D] (GQA: Hq a multiple of Hkv) and return [B, Hq, Sq, D]."""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from .chunk_layout import ChunkLayout
+
+
+def _expand_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    rep = q.shape[1] // k.shape[1]
+    if rep == 1:
+        return k, v
+    return k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+
+
+def _reference(q, k, v, layout: ChunkLayout):
+    k, v = _expand_kv(q, k, v)
+    mask = layout.dense_mask(q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _sdpa_chunked(q, k, v, layout: ChunkLayout):
+    k, v = _expand_kv(q, k, v)
+    t = layout.tokens_per_chunk
+    outs = []
+    for i, sl in enumerate(layout.kv_slices()):
+        qi = q[:, :, i * t:(i + 1) * t]
+        if sl is None:  # non-contiguous visibility: masked call for this chunk only
+            mask = layout.dense_mask(q.device)[i * t:(i + 1) * t]
+            outs.append(F.scaled_dot_product_attention(qi, k, v, attn_mask=mask))
+        else:
+            outs.append(F.scaled_dot_product_attention(qi, k[:, :, sl[0]:sl[1]], v[:, :, sl[0]:sl[1]]))
+    return torch.cat(outs, dim=2)
+
+
+@functools.lru_cache(maxsize=64)
+def _flex_block_mask(layout: ChunkLayout, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    t = layout.tokens_per_chunk
+    kv_chunk = torch.tensor(layout.kv_chunks, device=device)
+    start = torch.tensor(layout.kv_start, device=device)
+    end = torch.tensor(layout.kv_end, device=device)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        c = kv_chunk[kv_idx // t]
+        qi = q_idx // t
+        return (c >= start[qi]) & (c <= end[qi])
+
+    return create_block_mask(mask_mod, None, None, layout.q_len, layout.kv_len, device=device)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex(q, k, v, layout: ChunkLayout):
+    if q.device.type != "cuda":
+        raise RuntimeError("model.attention_backend='flex' needs a CUDA device; use 'reference' or 'sdpa_chunked' on CPU")
+    block_mask = _flex_block_mask(layout, str(q.device))
+    enable_gqa = q.shape[1] != k.shape[1]
+    return _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+
+
+def _flash_attn(q, k, v, layout: ChunkLayout):
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError as e:  # optional extra
+        raise RuntimeError("model.attention_backend='flash_attn' needs the flash-attn package "
+                           "(pip install 'magi[flash]'); accepted without it: reference, sdpa_chunked, flex") from e
+    t = layout.tokens_per_chunk
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # flash-attn wants [B, S, H, D]
+    outs = []
+    for i, sl in enumerate(layout.kv_slices()):
+        if sl is None:
+            raise RuntimeError("flash_attn backend needs contiguous key chunks per query chunk")
+        outs.append(flash_attn_func(qt[:, i * t:(i + 1) * t], kt[:, sl[0]:sl[1]], vt[:, sl[0]:sl[1]]))
+    return torch.cat(outs, dim=1).transpose(1, 2)
+
+
+BACKENDS = {"reference": _reference, "sdpa_chunked": _sdpa_chunked, "flex": _flex, "flash_attn": _flash_attn}
+
+
+def chunk_causal_attention(q, k, v, layout: ChunkLayout, backend: str = "reference") -> torch.Tensor:
+    if q.shape[2] != layout.q_len or k.shape[2] != layout.kv_len:
+        raise ValueError(f"attention: q/k lengths {q.shape[2]}/{k.shape[2]} do not match the chunk layout "
+                         f"{layout.q_len}/{layout.kv_len}")
+    try:
+        fn = BACKENDS[backend]
+    except KeyError:
+        raise ValueError(f"model.attention_backend: got {backend!r}, accepted values are {', '.join(BACKENDS)}")
+    return fn(q, k, v, layout)
+
+
+def caption_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each chunk's tokens attend to that chunk's own caption tokens.
+
+    q [B, n, Hq, T, D] (T tokens of each chunk), k/v [B, n, Hkv, L, D], mask [B, n, L] bool.
+    A chunk whose caption has no valid token gets a zero output (MAGI-1: empty key range)."""
+    B, n, H, T, D = q.shape
+    q2 = q.reshape(B * n, H, T, D)
+    k2, v2 = _expand_kv(q2, k.reshape(B * n, k.shape[2], k.shape[3], D), v.reshape(B * n, v.shape[2], v.shape[3], D))
+    m = mask.reshape(B * n, 1, 1, -1)
+    has_key = m.any(dim=-1, keepdim=True)
+    safe = m | ~has_key  # avoid NaN rows; their output is zeroed below
+    out = F.scaled_dot_product_attention(q2, k2, v2, attn_mask=safe)
+    out = out * has_key.to(out.dtype)
+    return out.reshape(B, n, H, T, D)

@@ -1,0 +1,179 @@
+"""One MAGI-1 transformer layer: parallel self+cross attention, sandwich norms, gated residuals, MLP."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from magi_train.config import ModelConfig
+
+from .attention import caption_cross_attention, chunk_causal_attention
+from .chunk_layout import ChunkLayout
+from .kv_cache import KVCache
+from .norms import LayerNorm1p, softcap
+from .rope import apply_rope
+from .spec import LayerSpec
+
+
+@dataclass
+class BlockContext:
+    """What every layer needs beside the hidden states; built once per forward by the DiT."""
+
+    cond: torch.Tensor            # [B, n_chunks, cond_dim] per-chunk condition (fp32)
+    token_chunk: torch.Tensor     # [S_local] index of each local token's chunk in cond
+    rope_cos: torch.Tensor        # [S_local, R]
+    rope_sin: torch.Tensor
+    caption: torch.Tensor         # [B, n_chunks, L, xattn_dim] projected caption tokens
+    caption_mask: torch.Tensor    # [B, n_chunks, L] bool
+    layout: ChunkLayout
+    kv_cache: KVCache | None = None
+    cache_write: bool = False
+
+
+def _fp32(device_type: str):
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+class LinearQKV(nn.Module):
+    """Input LayerNorm and the four projections of the normed hidden state (names as in MAGI-1)."""
+
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec):
+        super().__init__()
+        self.layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.q = spec.column(cfg.hidden_size, cfg.q_dim, "q")
+        self.qx = spec.column(cfg.hidden_size, cfg.q_dim, "qx")
+        self.k = spec.column(cfg.hidden_size, cfg.kv_dim, "k")
+        self.v = spec.column(cfg.hidden_size, cfg.kv_dim, "v")
+
+
+class AttentionCore(nn.Module):
+    """Self-attention over chunks (with KV cache) and cross-attention to each chunk's caption.
+
+    Works on the full sequence of the heads it is given; context parallelism swaps this module for a wrapper
+    that all-to-alls sequence and heads around it (magi_train.parallel), the model itself is unchanged."""
+
+    def __init__(self, backend: str):
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, layer: int, q, k, v, qx, kx, vx, ctx: BlockContext):
+        # q/k/v/qx: [S, B, H, D]; kx/vx: [B, n, L, Hkv, D]
+        S, B = q.shape[:2]
+        if ctx.kv_cache is not None:
+            cached = [c for c in ctx.layout.kv_chunks if c not in ctx.layout.q_chunks]
+            if ctx.cache_write:
+                ctx.kv_cache.write(layer, ctx.layout.q_chunks, k, v)
+            if cached:
+                ck, cv = ctx.kv_cache.read(layer, cached, k)
+                k, v = torch.cat([ck, k]), torch.cat([cv, v])
+        a = chunk_causal_attention(q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3),
+                                   ctx.layout, self.backend)
+        a = a.permute(2, 0, 1, 3)  # [S, B, H, D]
+        n = ctx.caption.shape[1]
+        T = S // n
+        qc = qx.reshape(n, T, B, qx.shape[2], qx.shape[3]).permute(2, 0, 3, 1, 4)  # [B, n, H, T, D]
+        c = caption_cross_attention(qc, kx.permute(0, 1, 3, 2, 4), vx.permute(0, 1, 3, 2, 4), ctx.caption_mask)
+        c = c.permute(1, 3, 0, 2, 4).reshape(S, B, qx.shape[2], qx.shape[3])
+        return a, c
+
+
+class SelfCrossAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec):
+        super().__init__()
+        self.head_dim = cfg.kv_channels
+        self.heads = spec.local_heads(cfg.num_attention_heads, "q")
+        self.kv_heads = spec.local_heads(cfg.num_query_groups, "kv")
+        self.linear_qkv = LinearQKV(cfg, spec)
+        # caption K/V, per KV head laid out [k(hd), v(hd)]
+        self.linear_kv_xattn = spec.column(cfg.xattn_dim, 2 * cfg.kv_dim, "kv_xattn")
+        # input = [self-attn heads | cross-attn heads] of this rank
+        self.linear_proj = spec.row(2 * cfg.q_dim, cfg.hidden_size, "proj")
+        eps, zc = cfg.layernorm_epsilon, cfg.apply_layernorm_1p
+        self.q_layernorm = LayerNorm1p(self.head_dim, eps, zc)
+        self.k_layernorm = LayerNorm1p(self.head_dim, eps, zc)
+        self.q_layernorm_xattn = LayerNorm1p(self.head_dim, eps, zc)
+        self.k_layernorm_xattn = LayerNorm1p(self.head_dim, eps, zc)
+        self.core = AttentionCore(cfg.attention_backend)
+
+    def _heads(self, x, heads):
+        return x.reshape(*x.shape[:-1], heads, self.head_dim)
+
+    def _norm_rope(self, x, norm, ctx: BlockContext):
+        dtype = x.dtype
+        with _fp32(x.device.type):
+            x = apply_rope(norm(x.float()), ctx.rope_cos, ctx.rope_sin)
+        return x.to(dtype)
+
+    def forward(self, x: torch.Tensor, ctx: BlockContext, layer: int) -> torch.Tensor:
+        h = self.linear_qkv.layer_norm(x)
+        q = self._norm_rope(self._heads(self.linear_qkv.q(h), self.heads), self.q_layernorm, ctx)
+        k = self._norm_rope(self._heads(self.linear_qkv.k(h), self.kv_heads), self.k_layernorm, ctx)
+        v = self._heads(self.linear_qkv.v(h), self.kv_heads)
+        qx = self._heads(self.linear_qkv.qx(h), self.heads)
+        with _fp32(x.device.type):
+            qx = self.q_layernorm_xattn(qx.float()).to(h.dtype)
+        kvx = self.linear_kv_xattn(ctx.caption.to(h.dtype))
+        kvx = kvx.reshape(*kvx.shape[:-1], self.kv_heads, 2 * self.head_dim)
+        kx, vx = kvx[..., :self.head_dim], kvx[..., self.head_dim:]
+        with _fp32(x.device.type):
+            kx = self.k_layernorm_xattn(kx.float()).to(h.dtype)
+        a, c = self.core(layer, q, k, v, qx, kx, vx, ctx)
+        out = torch.cat([a.flatten(-2), c.flatten(-2)], dim=-1)
+        return self.linear_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec):
+        super().__init__()
+        self.gated = cfg.gated_linear_unit
+        self.layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        # SwiGLU: fc1 output is [gate | up] (halves), as MAGI-1 stores it
+        self.linear_fc1 = spec.column(cfg.hidden_size, cfg.ffn_hidden_size * (2 if self.gated else 1), "fc1")
+        self.linear_fc2 = spec.row(cfg.ffn_hidden_size, cfg.hidden_size, "fc2")
+
+    def forward(self, x):
+        h = self.linear_fc1(self.layer_norm(x))
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h)
+        return self.linear_fc2(h)
+
+
+class AdaModulate(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.proj = nn.Sequential(nn.Linear(cfg.cond_dim, int(cfg.hidden_size * cfg.cond_gating_ratio) * 2))
+
+    def forward(self, cond):
+        return softcap(self.proj(F.silu(cond)), 1.0)
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec, layer_number: int):
+        super().__init__()
+        self.layer_number = layer_number  # global index: names the layer's KV-cache slot
+        self.ada_modulate_layer = AdaModulate(cfg)
+        self.self_attention = SelfCrossAttention(cfg, spec)
+        eps, zc = cfg.layernorm_epsilon, cfg.apply_layernorm_1p
+        self.self_attn_post_norm = LayerNorm1p(cfg.hidden_size, eps, zc)
+        self.mlp = MLP(cfg, spec)
+        self.mlp_post_norm = LayerNorm1p(cfg.hidden_size, eps, zc)
+
+    def _gated_residual(self, x, residual, gate, norm):
+        # residual + post_norm(gate * x), in fp32 as MAGI-1 does
+        with _fp32(x.device.type):
+            out = residual.float() + norm(x.float() * gate)
+        return out.to(residual.dtype)
+
+    def forward(self, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+        with _fp32(x.device.type):
+            gates = self.ada_modulate_layer(ctx.cond.float())   # [B, n, 2D]
+        gates = gates[:, ctx.token_chunk].transpose(0, 1)          # [S, B, 2D]
+        g_msa, g_mlp = gates.chunk(2, dim=-1)
+        x = self._gated_residual(self.self_attention(x, ctx, self.layer_number), x, g_msa, self.self_attn_post_norm)
+        x = self._gated_residual(self.mlp(x), x, g_mlp, self.mlp_post_norm)
+        return x
