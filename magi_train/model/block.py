@@ -170,8 +170,7 @@ class TransformerLayer(nn.Module):
         return out.to(residual.dtype)
 
     def forward(self, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
-        with _fp32(x.device.type):
-            gates = self.ada_modulate_layer(ctx.cond.float())   # [B, n, 2D]
+        gates = self.ada_modulate_layer(ctx.cond.to(x.dtype))      # [B, n, 2D], in the blocks' dtype
         gates = gates[:, ctx.token_chunk].transpose(0, 1)          # [S, B, 2D]
         g_msa, g_mlp = gates.chunk(2, dim=-1)
         x = self._gated_residual(self.self_attention(x, ctx, self.layer_number), x, g_msa, self.self_attn_post_norm)
