@@ -1,0 +1,174 @@
+"""MagiRunner: the DiT, the text encoder and the VAE around the latent pipeline, from prompt to streamed mp4.
+
+Each finished chunk is decoded and appended to the output at once; a progress bar per chunk shows the seconds
+per chunk and the frames per second of video made."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from magi_train.encoders import TextEncoderConfig, VAEConfig, build_text_encoder, build_vae
+from magi_train.model import build_dit
+
+from .conditioning import Conditioning, chunk_captions, special_tokens_from_env
+from .config import MODES, InferConfig
+from .pipeline import ChunkGenerator, FinishedChunk, num_chunks_for
+from .video_io import StreamingVideoWriter, frames_to_video, read_image, read_prefix_video, to_uint8_frames
+
+log = logging.getLogger("magi_infer")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(cfg: InferConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def resolve_dtype(cfg: InferConfig, device: torch.device) -> torch.dtype:
+    if cfg.dtype == "auto":
+        return DTYPES[cfg.model.params_dtype] if device.type == "cuda" else torch.float32
+    return DTYPES[cfg.dtype]
+
+
+def build_model(cfg: InferConfig, device: torch.device, dtype: torch.dtype):
+    """The DiT with cfg.load's weights (MAGI-1 directory layout, fp8 included), or random weights without load."""
+    if cfg.load is None:
+        log.warning("load is not set: the DiT has random weights (fine for tests and benchmarks, not for videos)")
+        return build_dit(cfg.model, device=device, dtype=dtype).eval()
+    from magi_train.model.checkpoint_io import load_magi_checkpoint
+
+    model = build_dit(cfg.model, device="meta", dtype=dtype)
+    load_magi_checkpoint(model, cfg.load, fp8=cfg.fp8_quant, distill=cfg.model.distill)
+    return model.to(device).eval()
+
+
+def build_encoders(cfg: InferConfig, device: torch.device):
+    """Text encoder and VAE from the run-time keys: T5 / MAGI-1 VAE from their paths; without paths the offline hash
+    encoder and an untrained small VAE shaped for the model (tests, benchmarks)."""
+    m = cfg.model
+    if cfg.t5_pretrained:
+        text = TextEncoderConfig(kind="t5", path=cfg.t5_pretrained, device=cfg.t5_device, max_length=m.caption_max_length)
+    else:
+        text = TextEncoderConfig(kind="hash", max_length=m.caption_max_length, dim=m.caption_channels)
+    vae_device = str(device)
+    if cfg.vae_pretrained:
+        small = (Path(cfg.vae_pretrained) / "config.json").exists() and \
+            json.loads((Path(cfg.vae_pretrained) / "config.json").read_text()).get("format") == "magi-small-vae"
+        vae = VAEConfig(kind="small" if small else "magi", path=cfg.vae_pretrained, device=vae_device,
+                        scale_factor=None if small else cfg.scale_factor,
+                        temporal_downsample_factor=cfg.temporal_downsample_factor, tile_frames=max(cfg.fps // 2, 1))
+    else:
+        torch.manual_seed(cfg.seed)
+        vae = VAEConfig(kind="small", latent_channels=m.latent_channels, spatial_downsample_factor=8,
+                        temporal_downsample_factor=cfg.temporal_downsample_factor, base_channels=8, device=vae_device)
+    return build_text_encoder(text), build_vae(vae).eval()
+
+
+class MagiRunner:
+    def __init__(self, cfg: InferConfig, model=None, text_encoder=None, vae=None):
+        self.cfg = cfg
+        self.device = resolve_device(cfg)
+        self.dtype = resolve_dtype(cfg, self.device)
+        if text_encoder is None or vae is None:
+            te, va = build_encoders(cfg, self.device)
+            text_encoder, vae = text_encoder or te, vae or va
+        self.text_encoder, self.vae = text_encoder, vae
+        cfg.check_sizes(vae.spatial_factor, vae.temporal_factor)
+        if vae.latent_channels != cfg.model.latent_channels:
+            raise ValueError(f"vae: {vae.latent_channels} latent channels, the DiT takes {cfg.model.latent_channels}")
+        self.model = model if model is not None else build_model(cfg, self.device, self.dtype)
+
+    # ------------------------------------------------------------------ conditioning
+    def _prefix(self, mode: str, image_path: str | None, prefix_video_path: str | None) -> torch.Tensor | None:
+        c = self.cfg
+        if mode == "t2v":
+            return None
+        if mode == "i2v":
+            if not image_path:
+                raise ValueError("image_path: i2v mode needs --image_path")
+            frames = read_image(image_path, c.video_size_w, c.video_size_h)
+        else:
+            if not prefix_video_path:
+                raise ValueError("prefix_video_path: v2v mode needs --prefix_video_path")
+            frames = read_prefix_video(prefix_video_path, c.fps, c.video_size_w, c.video_size_h, c.prefix_frames)
+        with torch.no_grad():
+            return self.vae.encode(frames_to_video(frames).to(self.device)).float()
+
+    def conditioning(self, mode: str, prompts: Sequence[str], starts: Sequence[int] | None = None,
+                     image_path: str | None = None, prefix_video_path: str | None = None
+                     ) -> tuple[Conditioning, int]:
+        if mode not in MODES:
+            raise ValueError(f"mode: got {mode!r}, accepted values are {', '.join(MODES)}")
+        c = self.cfg
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("prompt: at least one prompt is needed")
+        # without start chunks, prompt k starts at chunk k (the last one holds to the end)
+        starts = list(starts) if starts is not None else list(range(len(prompts)))
+        if len(starts) != len(prompts):
+            raise ValueError(f"prompt_start_chunks: {len(prompts)} prompts need {len(prompts)} start chunks, got {starts}")
+        prefix = self._prefix(mode, image_path, prefix_video_path)
+        P = 0 if prefix is None else prefix.shape[2]
+        cw = c.model.chunk_width
+        n_total = num_chunks_for(self.vae.latent_frames(c.num_frames), P, cw)
+        n_gen = n_total - P // cw
+        emb, mask = self.text_encoder.encode(prompts)
+        # MAGI-1's scripts pick the token file and the tokens through SPECIAL_TOKEN_PATH and PAD_* variables
+        names = c.special_tokens if c.special_tokens is not None else special_tokens_from_env()
+        token_path = c.special_tokens_path or os.environ.get("SPECIAL_TOKEN_PATH")
+        if token_path and not Path(token_path).exists():
+            raise FileNotFoundError(f"special_tokens_path: {token_path} does not exist")
+        caption, cmask = chunk_captions(emb.cpu(), mask.cpu(), starts, n_gen, c.model.caption_max_length,
+                                        token_path, names)
+        return Conditioning(caption, cmask, prefix, emit_prefix=(mode == "i2v")), n_total
+
+    # ------------------------------------------------------------------ generation
+    def generator(self, mode: str, prompts: Sequence[str], starts=None, image_path=None, prefix_video_path=None
+                  ) -> ChunkGenerator:
+        cond, n_total = self.conditioning(mode, prompts, starts, image_path, prefix_video_path)
+        sf = self.vae.spatial_factor
+        return ChunkGenerator(self.model, self.cfg.sampler, cond, n_total,
+                              (self.cfg.video_size_h // sf, self.cfg.video_size_w // sf), seed=self.cfg.seed,
+                              device=self.device)
+
+    def decode(self, chunk: FinishedChunk):
+        with torch.no_grad():
+            return to_uint8_frames(self.vae.decode(chunk.latent[:1].to(self.device)))
+
+    def frames(self, gen: ChunkGenerator) -> Iterator[tuple[FinishedChunk, np.ndarray]]:
+        for chunk in gen:
+            yield chunk, self.decode(chunk)
+
+    def run(self, mode: str, prompts: Sequence[str], output_path: str, starts=None, image_path=None,
+            prefix_video_path=None, progress: bool = True, on_chunk=None) -> dict:
+        """Generate and stream to output_path; returns timing stats. on_chunk(chunk, writer) runs after each write."""
+        c = self.cfg
+        gen = self.generator(mode, prompts, starts, image_path, prefix_video_path)
+        bar = tqdm(total=gen.num_generated_chunks, desc=f"magi {mode}", unit="chunk", disable=not progress)
+        times, frames = [], 0
+        start = last = time.perf_counter()
+        with StreamingVideoWriter(output_path, c.fps, c.video_size_w, c.video_size_h, c.crf, c.frames_dir) as writer:
+            for chunk, pixels in self.frames(gen):
+                writer.write(pixels)
+                now = time.perf_counter()
+                times.append(now - last)
+                last = now
+                frames += len(pixels)
+                bar.set_postfix_str(f"{times[-1]:.1f}s/chunk, {frames / (now - start):.2f} frames/s")
+                bar.update(1)
+                if on_chunk is not None:
+                    on_chunk(chunk, writer)
+        bar.close()
+        total = time.perf_counter() - start
+        return {"chunks": len(times), "frames": frames, "seconds": total, "seconds_per_chunk": times,
+                "frames_per_second": frames / total if total else 0.0, "forwards": gen.forwards,
+                "kv_cache": gen.cache.stats(), "output_path": str(output_path)}
