@@ -15,6 +15,7 @@ from typing import BinaryIO, Union
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 VideoSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
 
@@ -53,12 +54,13 @@ def read_video(src: VideoSource, max_frames: int | None = None) -> tuple[np.ndar
             if not container.streams.video:
                 raise CorruptVideoError(f"{name}: no video stream")
             stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
             announced = int(stream.frames or 0)
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             fps = float(rate) if rate else 0.0
+            # one reformatter for the whole clip: a fresh colour converter per frame costs more than decoding
+            rgb = VideoReformatter()
             for frame in container.decode(stream):
-                frames.append(frame.to_ndarray(format="rgb24"))
+                frames.append(rgb.reformat(frame, format="rgb24").to_ndarray())
                 if max_frames is not None and len(frames) >= max_frames:
                     break
     except CorruptVideoError:
@@ -106,13 +108,33 @@ def _validate_frames(frames: np.ndarray, fps: float, codec: str) -> np.ndarray:
     return frames
 
 
+# BT.601 limited range ("tv"), what swscale uses for untagged SD video; the stream is tagged accordingly.
+_RGB_TO_YCBCR = np.array([[65.481, 128.553, 24.966],
+                          [-37.797, -74.203, 112.0],
+                          [112.0, -93.786, -18.214]], np.float32) / 255.0
+_SMPTE170M, _RANGE_MPEG = 6, 1   # FFmpeg's AVCOL_{SPC,PRI,TRC}_SMPTE170M and AVCOL_RANGE_MPEG
+
+
+def rgb_to_yuv420p(rgb: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] RGB -> PyAV's yuv420p layout [H * 3 / 2, W] (Y plane, then U and V at half size).
+
+    Done here rather than by swscale: swscale's SIMD reads the uninitialised padding of PyAV's frame buffers,
+    which made the encoded bytes differ between runs now and then."""
+    h, w = rgb.shape[:2]
+    ycc = rgb.astype(np.float32) @ _RGB_TO_YCBCR.T + np.array([16.0, 128.0, 128.0], np.float32)
+    y = ycc[..., 0]
+    chroma = ycc[..., 1:].reshape(h // 2, 2, w // 2, 2, 2).mean(axis=(1, 3))   # 2x2 box filter
+    planes = [y.reshape(-1), chroma[..., 0].reshape(-1), chroma[..., 1].reshape(-1)]
+    return np.clip(np.rint(np.concatenate(planes)), 0, 255).astype(np.uint8).reshape(h * 3 // 2, w)
+
+
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, codec: str = "libx264",
-                crf: int = 18, preset: str = "medium", threads: int = 1) -> Path:
+                crf: int = 18, preset: str = "medium", threads: int = 0) -> Path:
     """Encode uint8 [T, H, W, 3] RGB frames to path (container from its extension: .mp4, .mov, .webm, .mkv).
 
     Written as yuv420p (plays in browsers and standard players) to a temporary file that replaces path only
-    once complete. threads=1 keeps the bytes identical on every machine (x264 output depends on its thread
-    count); pass 0 for the encoder's automatic choice when speed matters more.
+    once complete. threads=0 lets the encoder choose; pass threads=1 for bytes that are identical on every
+    machine (x264's output depends on its thread count), as the synthetic world does.
     """
     frames = _validate_frames(frames, fps, codec)
     path = Path(path)
@@ -124,6 +146,7 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, codec: 
     os.close(fd)
     try:
         _encode(tmp, frames, fps, codec, crf, preset, threads, suffix)
+        os.chmod(tmp, 0o644)   # mkstemp makes it private; a finished video is an ordinary readable file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -141,8 +164,11 @@ def _encode(tmp: str, frames: np.ndarray, fps: float, codec: str, crf: int, pres
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(100000))
         stream.width, stream.height = int(frames.shape[2]), int(frames.shape[1])
         stream.pix_fmt = "yuv420p"
-        stream.codec_context.thread_count = threads
-        stream.codec_context.flags |= av.codec.context.Flags.bitexact
+        cc = stream.codec_context
+        cc.thread_count = threads
+        cc.colorspace, cc.color_primaries, cc.color_trc, cc.color_range = (_SMPTE170M, _SMPTE170M, _SMPTE170M,
+                                                                            _RANGE_MPEG)
+        cc.flags |= av.codec.context.Flags.bitexact
         opts = {}
         if codec == "libx264":
             opts = {"crf": str(crf), "preset": preset}
@@ -150,7 +176,7 @@ def _encode(tmp: str, frames: np.ndarray, fps: float, codec: str, crf: int, pres
             opts = {"crf": str(crf), "b": "0", "deadline": "good", "row-mt": "0"}
         stream.options = opts
         for rgb in frames:
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(rgb_to_yuv420p(rgb), format="yuv420p")
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode(None):
