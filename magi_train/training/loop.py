@@ -1,0 +1,300 @@
+"""The training loop: build everything, resume, step, log, validate, checkpoint, export, stop on signals.
+
+    trainer = Trainer(cfg)      # builds and resumes; config-level problems raise here
+    exit_code = trainer.fit()   # 0 when finished or preempted (checkpoint written)
+
+Step numbers count completed optimizer steps: checkpoint step_00000100 holds the state after 100 updates, and
+the metrics line of step 100 describes the update that made it."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from magi_train.config import MagiConfig, validate_config
+from magi_train.data.config import DataConfig
+from magi_train.diffusion import FlowMatchingLoss, TBinStats, prepare_inputs
+
+from .build import autocast_dtype, build_model, build_train_loader, build_validation_batches, resolve_device, wrap_model
+from .checkpoint import CheckpointManager, pack_rank_state, rank_key, rng_state, set_rng_state, unpack_rank_state
+from .ema import EMA
+from .export import export_magi
+from .flops import peak_flops_per_second, train_flops
+from .freeze import apply_freezing
+from .metrics import MetricsLogger, peak_memory_gib
+from .optim import build_lr_scheduler, build_optimizer
+from .preemption import PreemptionFlag
+from .seeding import seed_everything, step_generator
+from .step import forward_backward
+from .validation import validate
+
+log = logging.getLogger("magi_train")
+
+# Fault injection for the kill/resume tests: stall inside step K (after backward) or inside the save of step K
+# (after the data is written, before the rename), writing a marker file so the test knows when to strike.
+FAULT_STALL_STEP = "MAGI_FAULT_STALL_STEP"
+FAULT_STALL_SAVE = "MAGI_FAULT_STALL_SAVE"
+
+
+def distributed_info() -> tuple[int, int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def data_parallel_coords(rank: int, world_size: int, parallel) -> tuple[int, int]:
+    """(dp_rank, dp_size) in Megatron's tp-cp-dp-pp order: ranks of one model-parallel group share the data."""
+    dp = parallel.resolved_dp(world_size)
+    return (rank // (parallel.tp * parallel.cp)) % dp, dp
+
+
+def config_as_dict(cfg: MagiConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _stall(marker: Path, flag: PreemptionFlag | None, seconds: float = 600.0) -> None:
+    marker.write_text(str(os.getpid()))
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and not (flag is not None and flag.requested):
+        time.sleep(0.01)
+
+
+class Trainer:
+    def __init__(self, cfg: MagiConfig):
+        self.cfg = cfg
+        self.flag: PreemptionFlag | None = None   # installed by fit(), restored when it returns
+        self.rank, self.world_size, local_rank = distributed_info()
+        validate_config(cfg, self.world_size)
+        self.dp_rank, self.dp_size = data_parallel_coords(self.rank, self.world_size, cfg.parallel)
+        self.mp_size = cfg.parallel.model_parallel_size
+        self.run_dir = Path(cfg.output_dir) / cfg.name
+        self.device = resolve_device(cfg.train, local_rank)
+        self.amp_dtype = autocast_dtype(cfg.train, self.device)
+        seed_everything(cfg.train.seed + self.rank)
+
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.train.checkpoint.keep_last)
+        resume_from = self._resume_path()
+        # a resumed run takes every weight from its checkpoint: reading the MAGI-1 release again would be wasted
+        model = build_model(cfg.model, self.device, None if resume_from else cfg.train.init_from)
+        self.num_trainable, self.num_params = apply_freezing(model, cfg.train.trainable, cfg.train.frozen)
+        self.model = wrap_model(model, cfg.train)
+        self.optimizer = build_optimizer(self.model, cfg.train.optimizer)
+        self.scheduler = build_lr_scheduler(self.optimizer, cfg.train.schedule, cfg.train.max_steps)
+        e = cfg.train.ema
+        self.ema = EMA(self.model, e.decay, e.warmup) if e.enabled else None
+        self.loader = build_train_loader(cfg, self.dp_rank, self.dp_size)
+        self.batches = iter(self.loader)
+        self.raw_encoder = None
+        if isinstance(cfg.data, DataConfig) and cfg.data.kind == "raw":
+            from .raw_encoding import RawBatchEncoder
+            self.raw_encoder = RawBatchEncoder(cfg.encoders, cfg.model)
+        v = cfg.train.validation
+        self.val_batches = build_validation_batches(cfg, v.batches, self.dp_rank, self.dp_size) if v.every_steps else []
+        self.val_batches = [self._encode(b) for b in self.val_batches]
+        if v.every_steps and not self.val_batches:
+            log.warning("train.validation.every_steps=%d but there is no held-out data (data.val_shards): "
+                        "no validation", v.every_steps)
+
+        self.loss_fn = FlowMatchingLoss()
+        self.forward_backward = forward_backward   # a pipeline-parallel schedule replaces it (same signature)
+        self.tbins = TBinStats(cfg.train.flow.t_bins)
+        self.step = 0
+        self.last_saved_step = -1
+        self.peak_flops = peak_flops_per_second(self.device, cfg.train.peak_tflops)
+        self._prepare_run_dir()
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+            log.info("resumed from %s at step %d", resume_from, self.step)
+
+    # ------------------------------------------------------------------ setup
+    def _prepare_run_dir(self) -> None:
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.run_dir / ".config.yaml.tmp"
+            tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(config_as_dict(self.cfg))))
+            os.replace(tmp, self.run_dir / "config.yaml")
+        if dist.is_initialized():
+            dist.barrier()
+        self.checkpoints.clean_leftovers()
+
+    def _resume_path(self) -> Path | None:
+        resume = self.cfg.resume
+        if resume == "none":
+            if self.checkpoints.complete_steps():
+                raise ValueError(f"resume: {self.checkpoints.directory} already holds checkpoints; pass resume=auto "
+                                 f"to continue that run or choose another name=")
+            return None
+        path = self.checkpoints.latest() if resume == "auto" else Path(resume)
+        if path is not None and not (path / ".metadata").is_file():
+            raise ValueError(f"resume: {path} is not a complete checkpoint directory (no .metadata)")
+        return path
+
+    # ------------------------------------------------------------------ state
+    def _state(self) -> dict:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {
+            "model": model_sd,
+            "optimizer": optim_sd,
+            "scheduler": pack_rank_state(self.scheduler.state_dict()),
+            "trainer": {"step": self.step, "world_size": self.world_size},
+            rank_key(self.rank): pack_rank_state({"rng": rng_state(), "data": self.loader.state_dict()}),
+        }
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
+
+    def save_checkpoint(self) -> Path:
+        stall = os.environ.get(FAULT_STALL_SAVE)
+        hook = None
+        if stall and int(stall) == self.step:
+            hook = lambda tmp: _stall(self.run_dir / f"stalled_in_save_{self.step}", None)  # noqa: E731
+        path = self.checkpoints.save(self.step, self._state(), before_rename=hook)
+        self.last_saved_step = self.step
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = self._state()
+        saved_keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        mine = rank_key(self.rank)
+        for key in (mine, "ema"):
+            if key in state and not any(k == key or k.startswith(key + ".") for k in saved_keys):
+                state.pop(key)
+        CheckpointManager.load(path, state)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        self.scheduler.load_state_dict(unpack_rank_state(state["scheduler"]))
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+        elif self.ema is not None:
+            log.warning("resume: %s holds no EMA weights; the EMA starts from the loaded weights", path)
+            self.ema = EMA(self.model, self.cfg.train.ema.decay, self.cfg.train.ema.warmup)
+        self.step = self.last_saved_step = int(state["trainer"]["step"])
+        if mine in state and int(state["trainer"]["world_size"]) == self.world_size:
+            extra = unpack_rank_state(state[mine])
+            set_rng_state(extra["rng"])
+            self.loader.load_state_dict(extra["data"])
+        else:
+            log.warning("resume: checkpoint was written by %s ranks, this run has %d: data position and RNG of "
+                        "this rank start fresh", state["trainer"]["world_size"], self.world_size)
+        self.batches = iter(self.loader)
+
+    # ------------------------------------------------------------------ one step
+    def _encode(self, batch: dict) -> dict:
+        return self.raw_encoder(batch) if self.raw_encoder is not None else batch
+
+    def _next_batch(self) -> dict:
+        try:
+            return self._encode(next(self.batches))
+        except StopIteration:   # a finite loader: start its next pass
+            self.batches = iter(self.loader)
+            return self._encode(next(self.batches))
+
+    def train_step(self) -> dict:
+        cfg = self.cfg.train
+        chunk_width = self.cfg.model.chunk_width
+        micro, flops, tokens, samples = [], 0.0, 0, 0
+        for m in range(cfg.grad_accum_steps):
+            batch = self._next_batch()
+            g = step_generator(cfg.seed, self.dp_rank, self.step, m, self.device)
+            micro.append(prepare_inputs(batch, g, cfg.flow, chunk_width, self.device))
+            B, _, T, H, W = batch["latent"].shape
+            L = batch["text_emb"].shape[1]
+            flops += B * train_flops(self.cfg.model, T, H, W, L)
+            tokens += B * self.cfg.model.tokens_per_frame(H, W) * (T // self.cfg.model.t_patch_size)
+            samples += B
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.forward_backward(self.model, micro, self.loss_fn, autocast_dtype=self.amp_dtype)
+        stall = os.environ.get(FAULT_STALL_STEP)
+        if stall and int(stall) == self.step + 1:
+            _stall(self.run_dir / f"stalled_at_step_{self.step + 1}", self.flag)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        lr = self.optimizer.param_groups[0]["lr"]
+        skipped = not math.isfinite(grad_norm)
+        if skipped:
+            log.warning("step %d: non-finite gradient norm, update skipped", self.step + 1)
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        if self.ema is not None and not skipped and self.step % self.cfg.train.ema.update_every == 0:
+            self.ema.update()
+        self.tbins.reset()
+        for (kwargs, _, weight), per_chunk in zip(micro, self.loss_fn.pop(), strict=True):
+            self.tbins.add(per_chunk, kwargs["t"], weight)
+        out = {"loss": float(loss), "lr": lr, "grad_norm": grad_norm, "skipped": skipped,
+               "_flops": flops, "_tokens": tokens, "_samples": samples}
+        out.update({f"loss/{k}": v for k, v in self.tbins.summary().items()})
+        return out
+
+    # ------------------------------------------------------------------ loop
+    def _rates(self, m: dict, seconds: float) -> dict:
+        flops, tokens, samples = m.pop("_flops"), m.pop("_tokens"), m.pop("_samples")
+        m["step_time_s"] = seconds
+        m["samples_per_s"] = samples * self.dp_size / seconds       # whole job
+        m["tokens_per_s"] = tokens * self.dp_size / seconds
+        m["peak_mem_gib"] = peak_memory_gib(self.device)
+        flops_per_device = flops / self.mp_size                      # a model-parallel group shares its samples
+        m["tflops_per_device"] = flops_per_device / seconds / 1e12
+        m["mfu"] = flops_per_device / seconds / self.peak_flops if self.peak_flops else None
+        return m
+
+    def _due(self, every: int) -> bool:
+        return every > 0 and self.step % every == 0
+
+    def export(self) -> Path | None:
+        c = self.cfg.train.checkpoint
+        out = self.run_dir / "export" / f"step_{self.step:08d}"
+        return export_magi(self.model, self.ema if c.export_ema else None, out, c.export_dtype)
+
+    def fit(self) -> int:
+        cfg = self.cfg.train
+        logger = MetricsLogger(self.run_dir, self.cfg, self.rank, self.step, config_as_dict(self.cfg))
+        self.flag = PreemptionFlag()
+        logger.write_line(f"{self.cfg.name}: {self.num_params / 1e6:.2f}M parameters "
+                          f"({self.num_trainable / 1e6:.2f}M trained), device {self.device}, "
+                          f"precision {self.amp_dtype or torch.float32}, from step {self.step}, run dir {self.run_dir}")
+        try:
+            while self.step < cfg.max_steps:
+                if self.flag.agreed(self.device):
+                    if self.last_saved_step != self.step:
+                        self.save_checkpoint()
+                    logger.write_line(f"stop signal {self.flag.signum}: checkpoint of step {self.step} written, "
+                                      f"exiting")
+                    return 0
+                t0 = time.perf_counter()
+                metrics = self.train_step()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                logger.log(self.step, self._rates(metrics, time.perf_counter() - t0))
+                if self._due(cfg.validation.every_steps) and self.val_batches:
+                    logger.log(self.step, validate(self.model, self.val_batches, cfg.flow, self.cfg.model.chunk_width,
+                                                   cfg.validation.t_values, cfg.validation.seed, self.device,
+                                                   self.amp_dtype), kind="val")
+                if self._due(cfg.checkpoint.every_steps):
+                    self.save_checkpoint()
+                if self._due(cfg.checkpoint.export_every_steps):
+                    self.export()
+            if cfg.checkpoint.save_at_end and self.last_saved_step != self.step:
+                self.save_checkpoint()
+            if cfg.checkpoint.export_at_end:
+                where = self.export()
+                if where is not None:
+                    logger.write_line(f"exported MAGI-1 weights to {where}")
+            return 0
+        finally:
+            logger.close()
+            self.flag.restore()
+
+
+__all__ = ["Trainer", "distributed_info", "data_parallel_coords", "FAULT_STALL_STEP", "FAULT_STALL_SAVE"]
