@@ -1,0 +1,170 @@
+#!/usr/bin/env python
+"""The embedded default, end to end, through the project's real entry points:
+
+  1. synthetic physics world (train + held-out clips)      python -m data_tools.synthetic_world
+  2. webdataset shards                                       python -m data_tools.make_shards
+  3. small VAE trained on the clips                          python scripts/train_vae.py
+  4. latents + caption embeddings (offline hash encoder)     python -m data_tools.precompute
+  5. tiny DiT trained with experiment=quickstart             python -m magi_train.train
+  6. T2V from a caption, V2V continuation of a held-out clip python -m magi_infer
+  7. V2V evaluation vs copy-last-frame                       python -m magi_train.evaluate
+
+Every stage whose output already exists is skipped, so a crashed run continues where it stopped.
+    python scripts/quickstart.py [--run-dir runs/quickstart] [--long | --fast]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+PY = sys.executable
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Budget:
+    train_clips: int
+    val_clips: int
+    vae_seconds: float
+    dit_steps: int
+    eval_clips: int
+    sampler_steps: int
+
+
+BUDGETS = {
+    "fast": Budget(train_clips=48, val_clips=2, vae_seconds=8, dit_steps=20, eval_clips=2, sampler_steps=4),
+    "default": Budget(train_clips=768, val_clips=16, vae_seconds=75, dit_steps=1200, eval_clips=16, sampler_steps=16),
+    "long": Budget(train_clips=4000, val_clips=32, vae_seconds=400, dit_steps=12000, eval_clips=32, sampler_steps=32),
+}
+WORLD = ["--height", "32", "--width", "32", "--num-frames", "24", "--fps", "8"]
+FPS, PREFIX, FUTURE = 8, 12, 12
+
+
+def stage(name: str, done: Path | None, cmd: list[str], timings: dict, env=None) -> None:
+    if done is not None and done.exists():
+        print(f"[quickstart] {name}: already done ({done})", flush=True)
+        timings[name] = 0.0
+        return
+    print(f"[quickstart] {name}: {' '.join(cmd)}", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})})
+    timings[name] = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"[quickstart] {name} failed with exit code {proc.returncode}; rerun the same command to continue")
+
+
+def latest_export(run: Path) -> Path:
+    exports = sorted((run / "dit" / "export").glob("step_*"))
+    if not exports:
+        sys.exit(f"[quickstart] no exported weights under {run / 'dit' / 'export'}")
+    return exports[-1]
+
+
+def write_infer_config(run: Path, weights: Path, steps: int) -> Path:
+    """Run-time keys as MAGI-1 users know them, for the tiny model of experiment=quickstart."""
+    from magi_train.training.config_loading import load_config
+
+    model = load_config([f"experiment=quickstart", f"data.shards={run}"]).model
+    cfg = {
+        "model_config": {k: getattr(model, k) for k in (
+            "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+            "in_channels", "out_channels", "caption_channels", "caption_max_length", "chunk_width",
+            "attention_backend")},
+        "runtime_config": {
+            "seed": 1234, "video_size_h": 32, "video_size_w": 32, "num_frames": FUTURE, "fps": FPS,
+            "num_steps": steps, "window_size": 2, "chunk_width": model.chunk_width, "cfg_number": 3,
+            "text_scales": [3.0, 3.0, 3.0, 0.0, 0.0], "prev_chunk_scales": [1.0, 1.0, 1.0, 1.0, 1.0],
+            "noise2clean_kvrange": [], "clean_chunk_kvrange": -1, "shift": 3.0,
+            "load": str(weights), "vae_pretrained": str(run / "vae"), "temporal_downsample_factor": 1,
+            "prefix_frames": PREFIX,
+        },
+    }
+    path = run / "infer.json"
+    path.write_text(json.dumps(cfg, indent=1))
+    return path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run-dir", default="runs/quickstart")
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--long", action="store_true", help="bigger data, longer training: better videos (~1 h on 2 cores)")
+    g.add_argument("--fast", action="store_true", help="a minute-long smoke run of every stage (tests)")
+    args = ap.parse_args(argv)
+    b = BUDGETS["long" if args.long else "fast" if args.fast else "default"]
+    run = Path(args.run_dir).resolve()
+    run.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+
+    world = run / "world"
+    stage("world/train", world / "train" / f"train-{b.train_clips - 1:06d}.mp4",
+          [PY, "-m", "data_tools.synthetic_world", str(world / "train"), "--num-clips", str(b.train_clips),
+           "--seed", "0", "--split", "train", *WORLD], timings)
+    stage("world/val", world / "val" / f"val-{b.val_clips - 1:06d}.mp4",
+          [PY, "-m", "data_tools.synthetic_world", str(world / "val"), "--num-clips", str(b.val_clips),
+           "--seed", "1", "--split", "val", *WORLD], timings)
+    shards = run / "shards"
+    for split in ("train", "val"):
+        stage(f"shards/{split}", shards / f"raw_{split}" / "report.json",
+              [PY, "-m", "data_tools.make_shards", str(world / split), str(shards / f"raw_{split}"),
+               "--max-samples-per-shard", "256"], timings)
+    stage("vae", run / "vae" / "config.json",
+          [PY, "scripts/train_vae.py", "--data", str(world / "train"), "--out", str(run / "vae"),
+           "--max-seconds", str(b.vae_seconds), "--steps", "100000", "--val-clips", "4", "--no-progress"], timings)
+    for split in ("train", "val"):
+        stage(f"precompute/{split}", shards / f"latent_{split}" / "DONE",
+              [PY, "-m", "data_tools.precompute", str(shards / f"raw_{split}"), str(shards / f"latent_{split}"),
+               "--vae-kind", "small", "--vae-path", str(run / "vae"), "--text-kind", "hash"], timings)
+        (shards / f"latent_{split}" / "DONE").touch()
+    stage("train", run / "dit" / "export",
+          [PY, "-m", "magi_train.train", "experiment=quickstart", f"output_dir={run}", "name=dit",
+           f"data.shards={shards / 'latent_train'}", f"data.val_shards={shards / 'latent_val'}",
+           f"train.max_steps={b.dit_steps}", "train.checkpoint.every_steps=" + str(max(b.dit_steps // 3, 1)),
+           "train.validation.every_steps=" + str(max(b.dit_steps // 3, 1))], timings,
+          env={"WANDB_MODE": os.environ.get("WANDB_MODE", "offline")})
+    infer_cfg = write_infer_config(run, latest_export(run), b.sampler_steps)
+    videos = run / "videos"
+    videos.mkdir(exist_ok=True)
+    prompt = (world / "val" / "val-000000.txt").read_text().strip()
+    stage("infer/t2v", None,
+          [PY, "-m", "magi_infer", "--config_file", str(infer_cfg), "--mode", "t2v", "--prompt", prompt,
+           "--output_path", str(videos / "t2v.mp4"), "num_frames=24"], timings)
+    stage("infer/v2v", None,
+          [PY, "-m", "magi_infer", "--config_file", str(infer_cfg), "--mode", "v2v", "--prompt", prompt,
+           "--prefix_video_path", str(world / "val" / "val-000000.mp4"),
+           "--output_path", str(videos / "v2v_val-000000.mp4")], timings)
+    stage("evaluate", None,
+          [PY, "-m", "magi_train.evaluate", "--config_file", str(infer_cfg), "--clips", str(world / "val"),
+           "--prefix_frames", str(PREFIX), "--num_frames", str(FUTURE), "--max_clips", str(b.eval_clips),
+           "--out", str(run / "eval")], timings)
+
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    total = time.perf_counter() - t_start
+    report = {"run_dir": str(run), "seconds_total": round(total, 1),
+              "seconds_per_stage": {k: round(v, 1) for k, v in timings.items()},
+              "videos": sorted(str(p) for p in videos.glob("*.mp4")) + sorted(str(p) for p in (run / "eval").glob("*.mp4")),
+              "scores": summary, "scores_csv": str(run / "eval" / "scores.csv"),
+              "plot": str(run / "eval" / "error_vs_time.png"), "weights": str(latest_export(run))}
+    (run / "summary.json").write_text(json.dumps(report, indent=1))
+    print("\n==================== quickstart summary ====================")
+    print(f"run directory     {run}")
+    print(f"total time        {total:.0f} s  (training {timings.get('train', 0):.0f} s)")
+    for v in report["videos"]:
+        print(f"video             {v}")
+    print(f"scores            {report['scores_csv']}   plot {report['plot']}")
+    from magi_train.evaluate import format_table
+
+    print(format_table(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
