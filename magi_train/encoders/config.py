@@ -4,7 +4,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from magi_train.config.errors import ConfigError, check, check_choice
+
+# magi_train.config imports this module (its root config holds these dataclasses), so the error helpers are
+# imported when a check runs, not at import time: a module-level import would be circular.
+
+
+def ConfigError(message: str) -> ValueError:  # noqa: N802 - builds magi_train.config's ConfigError
+    from magi_train.config.errors import ConfigError as _ConfigError
+    return _ConfigError(message)
+
+
+def check(condition: bool, field: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{field}: {message}")
+
+
+def check_choice(value, field: str, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{field}: got {value!r}, accepted values are {', '.join(repr(c) for c in choices)}")
 
 TEXT_ENCODER_KINDS = ("t5", "hash")
 VAE_KINDS = ("small", "magi")
@@ -69,7 +86,7 @@ class VAEConfig:
     temporal_downsample_factor: Optional[int] = None  # None: the model's; when set it must match the weights
     spatial_downsample_factor: Optional[int] = None   # None: the model's; when set it must match the weights
     latent_channels: Optional[int] = None             # None: the model's; when set it must match the weights
-    base_channels: int = 32            # small: width of the first conv stage of a new model
+    base_channels: int = 64            # small: conv width of a new model
     temporal_mixing: bool = False      # small: a temporal conv at latent resolution in a new model
     dtype: str = "float32"             # float32 | bfloat16
     device: str = "cpu"

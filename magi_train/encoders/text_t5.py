@@ -10,7 +10,8 @@ from .text_base import TextEncoder
 
 # MAGI-1's loader looks for this sub-directory inside t5_pretrained.
 RELEASE_SUBDIR = "t5-v1_1-xxl"
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
 _TOKENIZER_FILES = ("spiece.model", "tokenizer.json")
 
 
