@@ -1,0 +1,16 @@
+"""Megatron-style parallelism for the MAGI-1 DiT: tp / cp / pp / dp on one model definition, by config.
+
+    env = init_parallel(cfg.parallel)                 # process groups (megatron-core parallel_state)
+    model = parallelize(cfg.model, env=env)           # TP spec, PP stage, CP hooks, FSDP2/DDP
+    loss = forward_backward(model, microbatches, loss_fn)
+    checkpoint.save(model, path, optimizer) / checkpoint.load(...)   # any layout -> any layout
+See docs/parallel.md."""
+from . import checkpoint
+from .env import ParallelEnv, destroy_parallel, init_parallel
+from .parallelize import ParallelPlan, PipelinedDiT, parallelize, plan_of
+from .state_dict import load_magi_checkpoint_tp, magi_tensor_getter
+from .step import finalize_grads, forward_backward
+
+__all__ = ["ParallelEnv", "ParallelPlan", "PipelinedDiT", "init_parallel", "destroy_parallel", "parallelize",
+           "plan_of", "forward_backward", "finalize_grads", "checkpoint", "magi_tensor_getter",
+           "load_magi_checkpoint_tp"]

@@ -1,0 +1,223 @@
+"""parallelize(model_cfg, pcfg, env): build the MagiDiT for this rank's place in the grid.
+
+Fixed order, from the outside of the model (the model file holds no parallel code):
+  1. build on the meta device with the Megatron layer spec (TP) when tp > 1
+  2. cut to this rank's pipeline stage(s) (PP)
+  3. install the sequence sharding hook and Ulysses attention cores (CP, sequence parallelism)
+  4. materialise on the device: seeded init, or this rank's shard of full (tp=1) weights
+  5. `prepare(shell)` hook (activation checkpointing, compile: the training loop's business)
+  6. FSDP2 / DDP over the dp x cp group
+Returns the model (pp=1) or a PipelinedDiT; either carries `.magi_parallel`, the ParallelPlan."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from magi_train.config import ConfigError, ModelConfig
+from magi_train.config.parallel_config import ParallelConfig
+from magi_train.model.dit import MagiDiT, build_dit
+
+from .context_parallel import SequenceSharding, apply_context_parallel
+from .data_parallel import apply_ddp, apply_fsdp
+from .env import ParallelEnv, init_parallel
+from .grads import GradSync
+from .init_weights import materialize
+from .pipeline import (
+    PIPELINE_SHARED_PREFIXES,
+    PipelineRunner,
+    PipelineStageModule,
+    pipeline_forward,
+    split_layers,
+    trim_to_stage,
+)
+from .state_dict_adapter import param_role, shard_state_dict
+
+_QK_NORM = re.compile(r"\.self_attention\.(q|k)_layernorm(_xattn)?\.(weight|bias)$")
+_BLOCK = "videodit_blocks.layers."
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class ParallelPlan:
+    env: ParallelEnv
+    model_cfg: ModelConfig
+    shells: list[MagiDiT]                       # modules holding this rank's parameters under MAGI-1 names
+    stage_ids: list[int]
+    num_stages: int
+    sharding: SequenceSharding
+    grad_sync: GradSync
+    stage_modules: list[PipelineStageModule] = field(default_factory=list)
+    runner: PipelineRunner | None = None
+    fsdp_roots: list[nn.Module] = field(default_factory=list)
+
+    @property
+    def pcfg(self) -> ParallelConfig:
+        return self.env.pcfg
+
+    def named_parameters(self):
+        """(name, parameter) of this rank, each name once (pipeline-shared copies: the first shell's)."""
+        seen = set()
+        for shell in self.shells:
+            for n, p in shell.named_parameters():
+                if n not in seen:
+                    seen.add(n)
+                    yield n, p
+
+    def shared_copies(self) -> dict[str, list[nn.Parameter]]:
+        out: dict[str, list] = {}
+        for shell in self.shells:
+            for n, p in shell.named_parameters():
+                out.setdefault(n, []).append(p)
+        return out
+
+
+class PipelinedDiT(nn.Module):
+    """This rank's pipeline stages. Training goes through forward_backward; calling it runs inference."""
+
+    def __init__(self, stages: list[nn.Module]):
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+
+    def forward(self, x, t, caption, caption_mask=None, caption_dropped=None, dt=None, **kwargs) -> torch.Tensor:
+        """MagiDiT.forward's signature; every rank returns the velocity."""
+        plan: ParallelPlan = self.magi_parallel
+        model_kwargs = dict(x=x, t=t, caption=caption, caption_mask=caption_mask, caption_dropped=caption_dropped,
+                            dt=dt, **kwargs)
+        return pipeline_forward(plan.stage_modules, plan.env, plan.model_cfg, model_kwargs, plan.sharding.shards)
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.magi_parallel.model_cfg
+
+    @property
+    def context_parallel(self):
+        sharding = self.magi_parallel.sharding
+        return sharding if sharding.shards > 1 else None
+
+    def null_caption(self, *args, **kwargs):
+        return self.magi_parallel.shells[0].null_caption(*args, **kwargs)
+
+
+def _kv_replica_groups(env: ParallelEnv, replicas: int):
+    """Process groups of the TP ranks sharing one KV head (every rank creates every group, in one order)."""
+    mine = tuple(dist.get_process_group_ranks(env.tp_group))
+    all_tp = [None] * env.world_size
+    dist.all_gather_object(all_tp, mine)
+    my_group = None
+    for tp_ranks in sorted(set(all_tp)):
+        for j in range(0, len(tp_ranks), replicas):
+            ranks = list(tp_ranks[j:j + replicas])
+            g = dist.new_group(ranks)
+            if env.rank in ranks:
+                my_group = g
+    return my_group
+
+
+def _grad_sync(env: ParallelEnv, shells: list[MagiDiT], cfg: ModelConfig, pcfg: ParallelConfig) -> GradSync:
+    """Which parameters need which extra gradient reduction (see grads.py); built after FSDP wrapping."""
+    sp = pcfg.sequence_parallel and env.tp > 1
+    sync = GradSync(tp_group=env.tp_group, pp_group=env.pp_group)
+    copies: dict[str, list] = {}                     # name -> this rank's copies (several: pipeline-shared)
+    for shell in shells:
+        for n, p in shell.named_parameters():
+            copies.setdefault(n, []).append(p)
+    for n, ps in copies.items():
+        block = n.startswith(_BLOCK)
+        if env.tp > 1 and (n == "rope.bands" or block and param_role(n) is None and (sp or _QK_NORM.search(n))):
+            sync.tp_partial.extend(ps)
+        if n.startswith(PIPELINE_SHARED_PREFIXES) and (env.pp > 1 or len(ps) > 1):
+            sync.pp_shared.append(ps)
+    if env.tp > cfg.num_query_groups:
+        group = _kv_replica_groups(env, env.tp // cfg.num_query_groups)
+        sync.kv_replicas.append((group, [ps[0] for n, ps in copies.items() if param_role(n) in ("k", "v", "kv_xattn")]))
+    dpcp = env.dp * env.cp
+    blocks = [ps[0] for n, ps in copies.items() if n.startswith(_BLOCK)]
+    if dpcp > 1 and pcfg.dp_mode == "ddp" and env.cp > 1:
+        sync.cp_scale, sync.cp_scaled = float(env.cp), blocks
+    if dpcp > 1 and pcfg.dp_mode == "none":
+        sync.manual_group = env.dp_cp_group
+        sync.manual_block = blocks
+        sync.manual_rest = [p for n, ps in copies.items() if not n.startswith(_BLOCK) for p in ps]
+        sync.manual_block_div, sync.manual_rest_div = float(env.dp), float(dpcp)
+    return sync
+
+
+def parallelize(model_cfg: ModelConfig, pcfg: ParallelConfig | None = None, env: ParallelEnv | None = None, *,
+                full_state: Mapping[str, torch.Tensor] | Callable[[str], torch.Tensor] | None = None,
+                seed: int = 0, prepare: Callable[[MagiDiT], None] | None = None, mp_policy=None,
+                reshard_after_forward: bool = True) -> nn.Module:
+    """Build this rank's model. full_state: full tp=1 weights (our layout; a mapping or name -> tensor) to shard
+    into the layout; otherwise a seeded init, identical for any layout's replicated tensors."""
+    if env is None:
+        env = init_parallel(pcfg or ParallelConfig())
+    pcfg = env.pcfg
+    pcfg.validate_model(model_cfg)
+    sp = pcfg.sequence_parallel and env.tp > 1
+    if sp and env.device.type != "cuda":
+        raise ConfigError("parallel.sequence_parallel: megatron-core's sequence-parallel linears need CUDA; "
+                          "set it false on CPU")
+    if pcfg.fsdp_cpu_offload and env.device.type != "cuda":
+        raise ConfigError("parallel.fsdp_cpu_offload: offloads GPU parameters to CPU memory, needs CUDA; "
+                          "set it false on CPU")
+    dtype = DTYPES[model_cfg.params_dtype]
+    spec = None
+    if env.tp > 1:
+        from .megatron_spec import MegatronSpec
+
+        spec = MegatronSpec(model_cfg, env.tp_group, env.tp, sequence_parallel=sp, params_dtype=dtype)
+    virtual = pcfg.pp_virtual_stages if pcfg.pp_schedule == "interleaved_1f1b" else 1
+    num_stages = env.pp * virtual
+    stage_ids = [env.pp_rank + k * env.pp for k in range(virtual)]
+    ranges = split_layers(model_cfg.num_layers, num_stages)
+
+    shells, sharding = [], None
+    for s in stage_ids:
+        shell = build_dit(model_cfg, spec, device="meta", dtype=dtype)
+        if num_stages > 1:
+            trim_to_stage(shell, ranges[s], first=s == 0, last=s == num_stages - 1)
+        sharding = apply_context_parallel(shell, env.cp_group, env.tp_group if sp else None, sp)
+        materialize(shell, env.device, seed=seed, tp_rank=env.tp_rank)
+        if full_state is not None:
+            keys = list(shell.state_dict().keys())
+            shell.load_state_dict(shard_state_dict(full_state, keys, model_cfg, env.tp, env.tp_rank), strict=True)
+        if prepare is not None:
+            prepare(shell)
+        shells.append(shell)
+
+    plan = ParallelPlan(env=env, model_cfg=model_cfg, shells=shells, stage_ids=stage_ids, num_stages=num_stages,
+                        sharding=sharding, grad_sync=None)
+    dpcp = env.dp * env.cp
+    if num_stages > 1:
+        units = [PipelineStageModule(sh, s, num_stages, ranges[s], sharding) for sh, s in zip(shells, stage_ids)]
+    else:
+        units = [shells[0]]
+    wrapped = []
+    for unit, shell in zip(units, shells):
+        if dpcp > 1 and pcfg.dp_mode == "fsdp":
+            layers = [m for m in shell.videodit_blocks.layers if hasattr(m, "mlp")]
+            unit = apply_fsdp(unit, layers, env, model_cfg, cpu_offload=pcfg.fsdp_cpu_offload, mp_policy=mp_policy,
+                              reshard_after_forward=reshard_after_forward)
+            plan.fsdp_roots.append(unit)
+        elif dpcp > 1 and pcfg.dp_mode == "ddp":
+            unit = apply_ddp(unit, env)
+        wrapped.append(unit)
+    # after wrapping: FSDP2 swaps every parameter for a sharded DTensor parameter
+    plan.grad_sync = _grad_sync(env, shells, model_cfg, pcfg)
+    if num_stages > 1:
+        plan.stage_modules = units
+        plan.runner = PipelineRunner(wrapped, units, env, model_cfg, pcfg.pp_schedule)
+        model = PipelinedDiT(wrapped)
+    else:
+        model = wrapped[0]
+    model.magi_parallel = plan
+    return model
+
+
+def plan_of(model: nn.Module) -> ParallelPlan | None:
+    return getattr(model, "magi_parallel", None)

@@ -1,0 +1,63 @@
+"""MAGI-1 checkpoints straight into any layout: tensors are read one at a time and cut to this rank's shard.
+
+`magi_tensor_getter(path)` maps a parameter name to its full tensor in our (tp=1) layout, reading lazily from
+model.safetensors or a sharded index, so a 24B checkpoint never sits whole in one process. Pass it as
+`parallelize(..., full_state=getter)`, or load a model built with MegatronSpec by `load_magi_checkpoint_tp`."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+
+from magi_train.config import ConfigError
+from magi_train.model.checkpoint_io import CheckpointMismatch, from_magi_layout, resolve_weight_dir
+
+from .state_dict_adapter import shard_state_dict
+
+
+def magi_tensor_getter(path: str | os.PathLike, fp8: bool | None = None, distill: bool | None = None,
+                       device: str = "cpu") -> Callable[[str], torch.Tensor]:
+    where = resolve_weight_dir(path, fp8, distill)
+    if where.is_file():
+        files = {None: where}
+        owner = None
+    elif (where / "model.safetensors.index.json").exists():
+        weight_map = json.loads((where / "model.safetensors.index.json").read_text())["weight_map"]
+        owner = weight_map
+        files = {f: where / f for f in set(weight_map.values())}
+    else:
+        files = {None: where / "model.safetensors"}
+        owner = None
+    handles = {k: safe_open(str(f), framework="pt", device=device) for k, f in files.items()}
+
+    def get(name: str) -> torch.Tensor:
+        if owner is not None and name not in owner:
+            raise CheckpointMismatch(f"checkpoint: missing tensor {name}")
+        handle = handles[owner[name]] if owner is not None else handles[None]
+        try:
+            t = handle.get_tensor(name)
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointMismatch(f"checkpoint: missing tensor {name} ({e})") from None
+        if t.dtype == torch.float8_e4m3fn:
+            raise ConfigError("fp8_quant: MAGI-1 fp8 checkpoints load into one process or cp layouts; "
+                              "tensor-parallel shards need the bf16 weights")
+        return from_magi_layout({name: t})[name]
+
+    return get
+
+
+def load_magi_checkpoint_tp(model, path: str | os.PathLike, env, fp8: bool | None = None,
+                            distill: bool | None = None) -> Path:
+    """Strictly load a MAGI-1 checkpoint into a model built with MegatronSpec (this rank's TP shard)."""
+    if fp8:
+        raise ConfigError("fp8_quant: MAGI-1 fp8 checkpoints cannot be split over tensor-parallel ranks; "
+                          "use tp_size=1 (cp_size works)")
+    get = magi_tensor_getter(path, fp8, distill)
+    keys = list(model.state_dict().keys())
+    local = shard_state_dict(get, keys, model.cfg, env.tp, env.tp_rank)
+    model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in local.items()}, strict=True)
+    return resolve_weight_dir(path, fp8, distill)

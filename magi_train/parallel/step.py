@@ -1,0 +1,96 @@
+"""forward_backward for any layout, with the signature of magi_train.training.step.forward_backward.
+
+pp = 1: the microbatches run one after another (gradient sync only on the last one); pp > 1: the configured
+torch.distributed.pipelining schedule. Then finalize_grads. Gradients are those of the mean loss over the
+microbatches; the return value is that mean (the same on every rank of one model replica)."""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .parallelize import ParallelPlan, plan_of
+from .pipeline import split_model_kwargs
+
+Microbatch = tuple[dict, torch.Tensor, torch.Tensor]
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _set_grad_sync(model: nn.Module, plan: ParallelPlan | None, enabled: bool):
+    if plan is not None:
+        for root in plan.fsdp_roots:
+            root.set_requires_gradient_sync(enabled)
+    if not enabled and hasattr(model, "no_sync"):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def _sequential(model, plan, microbatches, loss_fn, autocast_dtype):
+    device = microbatches[0][1].device
+    total = torch.zeros((), device=device)
+    scale = 1.0 / len(microbatches)
+    for i, (kwargs, target, weight) in enumerate(microbatches):
+        last = i == len(microbatches) - 1
+        with _set_grad_sync(model, plan, last):
+            with _autocast(device, autocast_dtype):
+                v_pred = model(**kwargs)
+            loss = loss_fn(v_pred.float(), target, weight)
+            (loss * scale).backward()
+        total += loss.detach() * scale
+    return total
+
+
+def _pipelined(plan: ParallelPlan, microbatches, loss_fn, autocast_dtype):
+    env = plan.env
+    n = len(microbatches)
+    scale = 1.0 / n
+    runner = plan.runner
+    runner.loss_fn = lambda out, tgt: loss_fn(out.float(), tgt[0], tgt[1]) * scale
+    xs, kws = zip(*(split_model_kwargs(kw) for kw, _, _ in microbatches))
+    sched = runner.schedule(xs[0], n, plan.sharding.shards)
+    for m in plan.stage_modules:
+        m.autocast_dtype = autocast_dtype
+    stages = getattr(sched, "_stages", None) or [sched._stage]
+    for st in stages:
+        st.has_backward = True
+        st.clear_runtime_states()
+    losses: list[torch.Tensor] = []
+    extra = {"return_outputs": False} if "return_outputs" in inspect.signature(sched._step_microbatches).parameters \
+        else {}
+    sched._step_microbatches([(x,) for x in xs], list(kws), [(t, w) for _, t, w in microbatches], losses, **extra)
+    last_owner = env.pp_ranks[(plan.num_stages - 1) % env.pp]
+    total = torch.stack([x.detach().float() for x in losses]).sum() if losses else \
+        torch.zeros((), device=env.device)
+    total = total.to(env.device)
+    dist.broadcast(total, src=last_owner, group=env.pp_group)
+    return total
+
+
+def forward_backward(model: nn.Module, microbatches: Sequence[Microbatch], loss_fn, *,
+                     autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    if not microbatches:
+        raise ValueError("forward_backward: needs at least one microbatch")
+    plan = plan_of(model)
+    if plan is not None and plan.runner is not None:
+        loss = _pipelined(plan, microbatches, loss_fn, autocast_dtype)
+    else:
+        loss = _sequential(model, plan, microbatches, loss_fn, autocast_dtype)
+    if plan is not None:
+        plan.grad_sync.finalize()
+    return loss
+
+
+def finalize_grads(model: nn.Module) -> None:
+    """The layout's extra gradient reductions (forward_backward calls it; call it after a custom backward)."""
+    plan = plan_of(model)
+    if plan is not None:
+        plan.grad_sync.finalize()

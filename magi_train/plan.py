@@ -1,0 +1,111 @@
+"""Will a layout fit? Per-GPU memory and FLOPs of one training step, from the same keys as training.
+
+    python -m magi_train.plan model=24B parallel.tp=8 parallel.pp=2 parallel.cp=2 world_size=64 \\
+        data.resolution=[720,1280] data.num_frames=96 data.batch_size=1 parallel.pp_microbatches=8
+
+Keys: model=<preset> and model.<field>; parallel.<field>; data.resolution=[H,W] + data.num_frames (video
+pixels and frames; the MAGI-1 VAE makes them 8x / 4x smaller) or data.latent_frames/latent_height/latent_width;
+data.batch_size (per rank and microbatch); data.text_length (caption tokens, default model.caption_max_length);
+train.grad_accum_steps (microbatches when pp=1); train.precision (bf16 | fp32); train.activation_checkpointing;
+world_size (or nodes x gpus_per_node; default tp*cp*pp*dp); gpu_memory_gib (default 80)."""
+from __future__ import annotations
+
+import sys
+from dataclasses import fields
+
+from omegaconf import OmegaConf
+
+from magi_train.config import ConfigError, model_preset
+from magi_train.config.parallel_config import ParallelConfig
+from magi_train.parallel.memory_estimate import GiB, StepShape, estimate
+
+VAE_SPATIAL, VAE_TEMPORAL = 8, 4
+PLAN_KEYS = ("world_size", "nodes", "gpus_per_node", "gpu_memory_gib")
+
+
+def _parse(argv: list[str]) -> dict:
+    for a in argv:
+        if "=" not in a:
+            raise ConfigError(f"{a}: expected key=value (e.g. model=24B parallel.tp=8)")
+    return OmegaConf.to_container(OmegaConf.from_dotlist(argv), resolve=True)
+
+
+def build_plan_inputs(argv: list[str]):
+    tree = _parse(argv)
+    unknown = set(tree) - {"model", "parallel", "data", "train", *PLAN_KEYS}
+    if unknown:
+        raise ConfigError(f"{sorted(unknown)[0]}: unknown key; accepted: model, parallel.*, data.*, train.*, "
+                          f"{', '.join(PLAN_KEYS)}")
+    model = tree.get("model", "tiny")
+    if isinstance(model, dict):
+        preset = model.pop("preset", "tiny")
+        cfg = model_preset(str(preset), **model)
+    else:
+        cfg = model_preset(str(model))
+    pkeys = {f.name for f in fields(ParallelConfig)}
+    par = tree.get("parallel", {}) or {}
+    for k in par:
+        if k not in pkeys:
+            raise ConfigError(f"parallel.{k}: unknown key; accepted keys are {', '.join(sorted(pkeys))}")
+    pcfg = ParallelConfig(**par)
+    data = tree.get("data", {}) or {}
+    train = tree.get("train", {}) or {}
+    if "resolution" in data:
+        res = data["resolution"]
+        if isinstance(res, str):
+            res = [int(v) for v in res.lower().split("x")]
+        h, w = (int(v) for v in res)
+        if "num_frames" not in data:
+            raise ConfigError("data.num_frames: needed with data.resolution (video frames per sample)")
+        lf, lh, lw = int(data["num_frames"]) // VAE_TEMPORAL, h // VAE_SPATIAL, w // VAE_SPATIAL
+    else:
+        lf = int(data.get("latent_frames", cfg.chunk_width * 4))
+        lh, lw = int(data.get("latent_height", 32)), int(data.get("latent_width", 32))
+    # whole chunks and whole patches, as the data pipeline crops them
+    lf = max(cfg.chunk_width, lf // cfg.chunk_width * cfg.chunk_width)
+    lh, lw = lh // cfg.patch_size * cfg.patch_size, lw // cfg.patch_size * cfg.patch_size
+    micro = pcfg.pp_microbatches if pcfg.pp > 1 else int(train.get("grad_accum_steps", 1))
+    shape = StepShape(lf, lh, lw, batch_size=int(data.get("batch_size", 1)), microbatches=micro,
+                      caption_len=int(data.get("text_length", cfg.caption_max_length)))
+    if "world_size" in tree:
+        world = int(tree["world_size"])
+    elif "nodes" in tree or "gpus_per_node" in tree:
+        world = int(tree.get("nodes", 1)) * int(tree.get("gpus_per_node", 8))
+    else:
+        world = pcfg.tp * pcfg.cp * pcfg.pp * max(pcfg.dp, 1)
+    precision = str(train.get("precision", "bf16"))
+    if precision == "auto":
+        precision = "bf16"
+    if precision not in ("bf16", "fp32"):
+        raise ConfigError(f"train.precision: got {precision!r}, accepted values are 'bf16', 'fp32', 'auto'")
+    return cfg, pcfg, world, shape, precision, bool(train.get("activation_checkpointing", False)), \
+        float(tree.get("gpu_memory_gib", 80))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    try:
+        cfg, pcfg, world, shape, precision, ckpt, gpu_gib = build_plan_inputs(argv)
+        est = estimate(cfg, pcfg, world, shape, precision=precision)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"model: {cfg.num_layers} layers x {cfg.hidden_size}, {est.params_per_gpu / 1e9:.3f}B parameters per GPU; "
+          f"layout tp={pcfg.tp} cp={pcfg.cp} pp={pcfg.pp} dp={est.dp} ({pcfg.dp_mode}) on {world} GPUs; "
+          f"sample {shape.latent_frames}x{shape.latent_height}x{shape.latent_width} latent "
+          f"({est.tokens_per_sample} tokens), batch {shape.batch_size} x {shape.microbatches} microbatches, "
+          f"{precision}")
+    print(est.table())
+    peak = est.peak_ckpt if ckpt else est.peak
+    verdict = "fits" if peak <= gpu_gib * GiB else "does NOT fit"
+    other = est.peak if ckpt else est.peak_ckpt
+    print(f"with{'' if ckpt else 'out'} activation checkpointing: {peak / GiB:.1f} GiB per GPU -> {verdict} in "
+          f"{gpu_gib:.0f} GiB (with{'out' if ckpt else ''} it: {other / GiB:.1f} GiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,90 @@
+"""python -m magi_train.plan: the per-GPU memory estimate against measured peaks, and the command line."""
+import pytest
+import torch
+
+from magi_train.config import ConfigError, model_preset
+from magi_train.config.parallel_config import ParallelConfig
+from magi_train.parallel.memory_estimate import StepShape, _per_token_layer, estimate, measure_peak
+
+TINY = model_preset("tiny", chunk_width=2, attention_backend="sdpa_chunked")
+MID = model_preset("debug", chunk_width=2, attention_backend="sdpa_chunked", hidden_size=384, num_attention_heads=6,
+                   num_query_groups=2, kv_channels=64, ffn_hidden_size=1536, num_layers=4, caption_channels=256)
+
+
+@pytest.mark.parametrize("name,cfg,shape", [
+    ("tiny", TINY, StepShape(4, 32, 32, batch_size=1, microbatches=1, caption_len=8)),      # activations dominate
+    ("mid", MID, StepShape(4, 16, 16, batch_size=2, microbatches=1, caption_len=16)),      # 10M params
+])
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_estimate_within_15_percent_of_measured_peak_cpu(name, cfg, shape, ckpt):
+    measured = measure_peak(cfg, shape, precision="fp32", activation_checkpointing=ckpt)
+    est = estimate(cfg, ParallelConfig(), 1, shape, precision="fp32")
+    predicted = est.peak_ckpt if ckpt else est.peak
+    assert abs(predicted - measured) / measured < 0.15, (name, ckpt, predicted / 2**20, measured / 2**20)
+
+
+def test_layer_coefficients_still_match_the_block():
+    """The activation bytes per token are fitted to magi_train/model/block.py; re-measure one layer."""
+    from magi_train.model import build_dit
+    from magi_train.parallel.memory_tracker import LiveBytes
+
+    cfg = model_preset("tiny", chunk_width=2, attention_backend="sdpa_chunked", gated_linear_unit=True,
+                       hidden_size=192, num_attention_heads=6, ffn_hidden_size=384)
+    model = build_dit(cfg)
+    x, t, cap = torch.randn(1, 16, 4, 32, 32), torch.rand(1, 2), torch.randn(1, 8, 64)   # 1024 tokens
+    ctx, _ = model.build_context(x.shape, t, cap)
+    h = model.embed_tokens(x).detach().requires_grad_(True)
+    with LiveBytes() as mt:
+        base = mt.current
+        out = model.videodit_blocks.layers[0](h, ctx)      # keeps the graph (and what it saved) alive
+        per_token = (mt.current - base) / h.shape[0]
+    del out
+    d_part, rest, _ = _per_token_layer(cfg, 1, "fp32")
+    assert abs(d_part + rest - per_token) / per_token < 0.05, (d_part + rest, per_token)
+
+
+def test_parallel_layout_divides_the_memory():
+    cfg = model_preset("24B")
+    shape = StepShape(24, 90, 160, batch_size=1, microbatches=8, caption_len=800)   # 720p, 96 frames
+    one = estimate(cfg, ParallelConfig(tp=8, dp=1), 8, shape)
+    assert one.tokens_per_sample == 86400
+    full = estimate(cfg, ParallelConfig(tp=8, pp=2, cp=2, pp_microbatches=8), 64, shape)
+    assert full.weights < one.weights / 7                  # FSDP over dp*cp=4 and half the layers
+    assert full.activations < one.activations
+    sp = estimate(cfg, ParallelConfig(tp=8, pp=2, cp=2, pp_microbatches=8, sequence_parallel=True), 64, shape)
+    assert sp.activations < full.activations / 3           # the residual stream split over TP
+    assert full.activations_ckpt < full.activations / 5
+    assert full.flops_per_step == pytest.approx(one.flops_per_step * 2)   # dp=2 doubles the samples per step
+    with pytest.raises(ConfigError, match="parallel.dp"):
+        estimate(cfg, ParallelConfig(tp=8, dp=3), 8, shape)
+
+
+def test_plan_command_prints_the_table(capsys):
+    from magi_train.plan import main
+
+    rc = main(["model=24B", "parallel.tp=8", "parallel.pp=2", "parallel.cp=2", "parallel.pp_microbatches=8",
+               "world_size=64", "data.resolution=[720,1280]", "data.num_frames=96",
+               "train.activation_checkpointing=true"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    for word in ("weights", "gradients", "optimizer states", "activations (no checkpointing)",
+                 "activations (checkpointing)", "FLOPs per step", "86400", "fit"):
+        assert word in out
+    assert main(["model=24B", "parallel.tp=3"]) == 2
+    assert "parallel.tp" in capsys.readouterr().err
+    assert main(["modle=24B"]) == 2
+    assert "modle: unknown key" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_estimate_within_15_percent_of_measured_peak_gpu(ckpt):
+    cfg = model_preset("debug", attention_backend="sdpa_chunked", hidden_size=1024, num_attention_heads=16,
+                       num_query_groups=4, kv_channels=64, ffn_hidden_size=4096, num_layers=8,
+                       gated_linear_unit=True, params_dtype="bfloat16", caption_channels=512, chunk_width=6)
+    shape = StepShape(12, 64, 64, batch_size=1, microbatches=2, caption_len=64)
+    measured = measure_peak(cfg, shape, precision="bf16", activation_checkpointing=ckpt, device="cuda")
+    est = estimate(cfg, ParallelConfig(), 1, shape, precision="bf16")
+    predicted = est.peak_ckpt if ckpt else est.peak
+    assert abs(predicted - measured) / measured < 0.15, (ckpt, predicted / 2**20, measured / 2**20)
