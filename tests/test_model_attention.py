@@ -138,3 +138,15 @@ def test_gpu_backends_bf16(backend):
     ref = chunk_causal_attention(q.float(), k.float(), v.float(), layout, "reference")
     out = chunk_causal_attention(q, k, v, layout, backend).float()
     assert (out - ref).abs().max() < 2e-2
+
+
+@torch.no_grad()
+def test_per_chunk_dropped_flags():
+    """Clean context chunks can carry the null caption while later chunks keep theirs (training = inference cache)."""
+    model = _tiny()
+    x, t, cap, mask = _inputs(n=2, B=1)
+    per_chunk = model(x, t, cap, mask, caption_dropped=torch.tensor([[True, False]]))
+    all_dropped = model(x, t, cap, mask, caption_dropped=torch.tensor([True]))
+    none_dropped = model(x, t, cap, mask)
+    assert (per_chunk[:, :, :6] - all_dropped[:, :, :6]).abs().max() == 0        # chunk 0 sees only itself
+    assert (per_chunk[:, :, 6:] - none_dropped[:, :, 6:]).abs().max() > 1e-4     # chunk 1 sees a null-caption chunk 0

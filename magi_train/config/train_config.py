@@ -45,6 +45,8 @@ class FlowMatchingConfig:
     clean_prefix_prob: float = 0.0        # probability that a sample starts with clean chunks (I2V/V2V context)
     max_clean_prefix_chunks: int = 1      # clean prefix length drawn uniformly in [1, min(this, chunks - 1)]
     clean_t: float = 0.9999               # t given to clean chunks (MAGI-1 writes the KV cache at clean_t=0.9999)
+    null_caption_on_clean: bool = True    # clean context chunks see the null caption and the 'dropped' flag, the way
+                                          # MAGI-1's inference encodes finished and prefix chunks into its KV cache
     caption_dropout: float = 0.1          # probability a sample sees the learned null caption (for CFG)
     t_bins: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])  # inner edges of per-t-bin loss
 

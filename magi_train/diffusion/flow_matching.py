@@ -63,7 +63,8 @@ def prepare_inputs(batch: dict, generator: torch.Generator, cfg, chunk_width: in
         "t": t,
         "caption": batch["text_emb"].to(device=device, dtype=torch.float32),
         "caption_mask": batch["text_mask"].to(device=device, dtype=torch.bool),
-        "caption_dropped": dropped,
+        # [B, n]: dropped samples, and clean context chunks when they are encoded as inference caches them
+        "caption_dropped": dropped[:, None] | (clean & cfg.null_caption_on_clean),
     }
     loss_weight = (~clean).to(torch.float32)
     return model_kwargs, velocity_target(x1, noise), loss_weight

@@ -68,7 +68,7 @@ class MagiDiT(nn.Module):
             L = caption.shape[2]
             null = self.y_embedder.null_caption_embedding[:L].to(caption.dtype)
             null_mask = torch.arange(L, device=caption.device) < self.cfg.null_caption_tokens
-            d = dropped[:, None, None]
+            d = dropped[:, :, None]  # [B, n, 1]
             caption = torch.where(d[..., None], null[None, None], caption)
             caption_mask = torch.where(d, null_mask[None, None], caption_mask)
         return caption, caption_mask
@@ -96,8 +96,13 @@ class MagiDiT(nn.Module):
             t = t[:, None].expand(-1, n)
         if t.shape != (B, n):
             raise ValueError(f"t: expected shape [{B}, {n}] (one noise level per chunk), got {tuple(t.shape)}")
-        if dropped_given := caption_dropped is not None:
-            caption_dropped = caption_dropped.to(device=device, dtype=torch.bool)
+        if caption_dropped is None:
+            caption_dropped = torch.zeros(B, n, dtype=torch.bool, device=device)
+        caption_dropped = caption_dropped.to(device=device, dtype=torch.bool)
+        if caption_dropped.dim() == 1:  # one flag per sample -> every chunk
+            caption_dropped = caption_dropped[:, None].expand(-1, n)
+        if caption_dropped.shape != (B, n):
+            raise ValueError(f"caption_dropped: expected [{B}] or [{B}, {n}], got {tuple(caption_dropped.shape)}")
         caption, caption_mask = self._captions(caption.to(device), None if caption_mask is None else
                                                caption_mask.to(device), caption_dropped, n)
         with torch.autocast(device_type=device.type, enabled=False):
@@ -108,8 +113,7 @@ class MagiDiT(nn.Module):
                 dt = dt.to(device).float()
                 dt = dt[:, None].expand(-1, n) if dt.dim() == 1 else dt
                 cond = cond + self.t_embedder(dt.flatten()).reshape(B, n, -1)
-            flags = caption_dropped if dropped_given else torch.zeros(B, dtype=torch.bool, device=device)
-            cond = cond + self.y_embedder.adaln(flags)[:, None]
+            cond = cond + self.y_embedder.adaln(caption_dropped.flatten()).reshape(B, n, -1)
             cap = self.y_embedder.xattn(caption.float())
             frames_before = chunk_offset * (cfg.chunk_width // cfg.t_patch_size)
             cos, sin = self.rope(frames_before, tf, h, w, device)
