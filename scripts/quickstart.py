@@ -36,12 +36,14 @@ class Budget:
     dit_steps: int
     eval_clips: int
     sampler_steps: int
+    batch_size: int = 16
 
 
 BUDGETS = {
-    "fast": Budget(train_clips=48, val_clips=2, vae_seconds=8, dit_steps=20, eval_clips=2, sampler_steps=4),
-    "default": Budget(train_clips=768, val_clips=16, vae_seconds=75, dit_steps=1200, eval_clips=16, sampler_steps=16),
-    "long": Budget(train_clips=4000, val_clips=32, vae_seconds=400, dit_steps=12000, eval_clips=32, sampler_steps=32),
+    "fast": Budget(train_clips=32, val_clips=2, vae_seconds=6, dit_steps=8, eval_clips=2, sampler_steps=4, batch_size=4),
+    "default": Budget(train_clips=768, val_clips=16, vae_seconds=75, dit_steps=900, eval_clips=16, sampler_steps=16,
+                      batch_size=8),
+    "long": Budget(train_clips=4000, val_clips=32, vae_seconds=400, dit_steps=8000, eval_clips=32, sampler_steps=32),
 }
 WORLD = ["--height", "32", "--width", "32", "--num-frames", "24", "--fps", "8"]
 FPS, PREFIX, FUTURE = 8, 12, 12
@@ -127,7 +129,8 @@ def main(argv=None) -> int:
     stage("train", run / "dit" / "export",
           [PY, "-m", "magi_train.train", "experiment=quickstart", f"output_dir={run}", "name=dit",
            f"data.shards={shards / 'latent_train'}", f"data.val_shards={shards / 'latent_val'}",
-           f"train.max_steps={b.dit_steps}", "train.checkpoint.every_steps=" + str(max(b.dit_steps // 3, 1)),
+           f"train.max_steps={b.dit_steps}", f"data.batch_size={b.batch_size}",
+           "train.checkpoint.every_steps=" + str(max(b.dit_steps // 3, 1)),
            "train.validation.every_steps=" + str(max(b.dit_steps // 3, 1))], timings,
           env={"WANDB_MODE": os.environ.get("WANDB_MODE", "offline")})
     infer_cfg = write_infer_config(run, latest_export(run), b.sampler_steps)
