@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from magi_train.config import ConfigError
 from magi_train.config import MagiConfig, validate_config
 from magi_train.data.config import DataConfig
 from magi_train.diffusion import FlowMatchingLoss, TBinStats, prepare_inputs
@@ -74,6 +75,11 @@ class Trainer:
         self.flag: PreemptionFlag | None = None   # installed by fit(), restored when it returns
         self.rank, self.world_size, local_rank = distributed_info()
         validate_config(cfg, self.world_size)
+        if self.world_size > 1 or cfg.parallel.model_parallel_size > 1:
+            # several processes would each train their own copy without a gradient in common: refuse, never diverge
+            raise ConfigError("parallel: the training loop runs one process for now; tp/cp/pp/dp > 1 are proven in "
+                              "magi_train.parallel (forward_backward, checkpoints) but not yet wired into "
+                              "magi_train.train - run with one process")
         self.dp_rank, self.dp_size = data_parallel_coords(self.rank, self.world_size, cfg.parallel)
         self.mp_size = cfg.parallel.model_parallel_size
         self.run_dir = Path(cfg.output_dir) / cfg.name
