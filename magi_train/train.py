@@ -1,10 +1,12 @@
 """Training entry point: `python -m magi_train.train experiment=NAME key=value ...` (or `magi-train ...`).
 
 Exit codes: 0 finished or preempted (SIGTERM/SIGUSR1: checkpoint written), 2 bad configuration (one line on
-stderr naming the key). Multi-process runs start with torchrun; magi_train.parallel sets up the groups."""
+stderr naming the key). Multi-process runs start with torchrun (`torchrun --nproc-per-node N -m magi_train.train
+... parallel.tp=2 ...`); magi_train.parallel sets up the groups from torchrun's environment."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 USAGE = """usage: python -m magi_train.train [group=option ...] [key=value ...]
@@ -18,7 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # torchrun: rank 0 speaks for the job (the other ranks would repeat its lines); errors from every rank
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    logging.basicConfig(level=logging.INFO if rank0 else logging.ERROR, format="%(message)s")
     from magi_train.config import ConfigError
     from magi_train.training.config_loading import load_config
     from magi_train.training.loop import Trainer
@@ -29,7 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
 
 
 if __name__ == "__main__":

@@ -210,9 +210,11 @@ def load(model: nn.Module, path: str | os.PathLike, optimizer=None) -> None:
 
 # ----------------------------------------------------------------------------- MAGI-1 export
 @torch.no_grad()
-def export_magi(model: nn.Module, out_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> Path | None:
+def export_magi(model: nn.Module, out_dir: str | os.PathLike, dtype: torch.dtype | None = None,
+                tensors: dict[str, torch.Tensor] | None = None) -> Path | None:
     """Write MAGI-1 safetensors (one shard per pipeline stage + index) from any layout; returns the directory
-    on global rank 0. Each stage gathers its tensors over TP and FSDP; one rank per stage writes them."""
+    on global rank 0. Each stage gathers its tensors over TP and FSDP; one rank per stage writes them.
+    tensors: {name: tensor laid out like that parameter} written instead of the parameter (EMA weights)."""
     from safetensors.torch import save_file
 
     from magi_train.model.checkpoint_io import to_magi_layout
@@ -229,7 +231,7 @@ def export_magi(model: nn.Module, out_dir: str | os.PathLike, dtype: torch.dtype
     state = {}
     shared_written_by_first = env.pp_rank == 0
     for name, p in plan.named_parameters():
-        t = gather_tp_tensor(name, p, plan.model_cfg, env.tp_group)
+        t = gather_tp_tensor(name, (tensors or {}).get(name, p), plan.model_cfg, env.tp_group)
         if name.startswith(("t_embedder.", "y_embedder.", "rope.")) and not shared_written_by_first:
             continue
         if dtype is not None and t.is_floating_point():

@@ -79,3 +79,45 @@ class GradSync:
                 _all_reduce_(total, self.pp_group)
             for g in grads:
                 g.copy_(total)
+
+
+def _counts_here(name: str, grad: torch.Tensor, env, num_query_groups: int) -> bool:
+    """Whether this rank's piece of `name`'s gradient enters the global norm: every element of the whole model
+    once, so copies held by several ranks (replicated over TP, DDP/CP replicas, pipeline-shared embedders,
+    KV heads beyond the KV-head count) count on one of them only."""
+    from torch.distributed.tensor import DTensor
+
+    from .pipeline import PIPELINE_SHARED_PREFIXES
+    from .state_dict_adapter import param_role
+
+    if name.startswith(PIPELINE_SHARED_PREFIXES) and env.pp_rank != 0:
+        return False
+    role = param_role(name)
+    rep = max(1, env.tp // num_query_groups)
+    if role is None and env.tp_rank != 0:
+        return False
+    if role in ("k", "v", "kv_xattn") and env.tp_rank % rep != 0:
+        return False
+    # FSDP gradients are shards over dp x cp; any other layout holds a whole copy on every dp x cp rank
+    return isinstance(grad, DTensor) or env.dp_cp_rank == 0
+
+
+@torch.no_grad()
+def clip_grad_norm_(plan, max_norm: float) -> float:
+    """torch.nn.utils.clip_grad_norm_ for any layout: the L2 norm of the whole model's gradient (each element
+    counted once across tp/cp/pp/dp ranks, a collective over the world), and every trainable copy on this rank
+    scaled by min(1, max_norm / (norm + 1e-6)). Returns the norm before clipping (inf/nan: nothing scaled)."""
+    env = plan.env
+    total = torch.zeros((), dtype=torch.float32, device=env.device)
+    for name, p in plan.named_parameters():
+        if p.requires_grad and p.grad is not None and _counts_here(name, p.grad, env, plan.model_cfg.num_query_groups):
+            total += _local(p.grad).float().square().sum().to(total.device)
+    if env.distributed:
+        dist.all_reduce(total)
+    norm = float(total.sqrt())
+    coef = max_norm / (norm + 1e-6)
+    if coef < 1.0 and norm == norm and norm != float("inf"):
+        grads = [_local(p.grad) for ps in plan.shared_copies().values() for p in ps
+                 if p.requires_grad and p.grad is not None]
+        torch._foreach_mul_(grads, coef)
+    return norm

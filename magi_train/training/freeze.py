@@ -8,23 +8,38 @@ from torch import nn
 from .ema import clean_name
 
 
-def apply_freezing(model: nn.Module, trainable: list[str], frozen: list[str]) -> tuple[int, int]:
-    """requires_grad = (name matches a `trainable` pattern, or there are none) and matches no `frozen` pattern.
-    Returns (trainable, total) parameter counts. A pattern that matches nothing is an error (likely a typo)."""
-    names = {clean_name(n): p for n, p in model.named_parameters()}
+def is_trainable(name: str, trainable: list[str], frozen: list[str]) -> bool:
+    """Matches a `trainable` pattern (or there are none) and no `frozen` pattern."""
+    train = not trainable or any(fnmatchcase(name, pat) for pat in trainable)
+    return train and not any(fnmatchcase(name, pat) for pat in frozen)
+
+
+def check_patterns(names: list[str], trainable: list[str], frozen: list[str]) -> None:
+    """A pattern that matches none of `names` (the whole model's) is an error (likely a typo)."""
     for key, patterns in (("train.trainable", trainable), ("train.frozen", frozen)):
         for pat in patterns:
             if not any(fnmatchcase(n, pat) for n in names):
                 raise ValueError(f"{key}: pattern {pat!r} matches no parameter (names look like "
                                  f"'videodit_blocks.layers.0.mlp.linear_fc1.weight')")
-    for n, p in names.items():
-        train = not trainable or any(fnmatchcase(n, pat) for pat in trainable)
-        p.requires_grad_(train and not any(fnmatchcase(n, pat) for pat in frozen))
-    counts = [p.numel() for p in names.values() if p.requires_grad]
-    total = sum(p.numel() for p in names.values())
+
+
+def freezing_counts(sizes: dict[str, int], trainable: list[str], frozen: list[str]) -> tuple[int, int]:
+    """(trainable, total) parameter counts of a model given {name: numel}; checks the patterns first."""
+    check_patterns(list(sizes), trainable, frozen)
+    counts = [n for name, n in sizes.items() if is_trainable(name, trainable, frozen)]
     if not counts:
         raise ValueError("train.trainable: the patterns leave no parameter to train")
-    return sum(counts), total
+    return sum(counts), sum(sizes.values())
 
 
-__all__ = ["apply_freezing"]
+def apply_freezing(model: nn.Module, trainable: list[str], frozen: list[str]) -> tuple[int, int]:
+    """requires_grad = (name matches a `trainable` pattern, or there are none) and matches no `frozen` pattern.
+    Returns (trainable, total) parameter counts. A pattern that matches nothing is an error (likely a typo)."""
+    names = {clean_name(n): p for n, p in model.named_parameters()}
+    counts = freezing_counts({n: p.numel() for n, p in names.items()}, trainable, frozen)
+    for n, p in names.items():
+        p.requires_grad_(is_trainable(n, trainable, frozen))
+    return counts
+
+
+__all__ = ["apply_freezing", "is_trainable", "check_patterns", "freezing_counts"]

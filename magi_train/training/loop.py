@@ -4,7 +4,14 @@
     exit_code = trainer.fit()   # 0 when finished or preempted (checkpoint written)
 
 Step numbers count completed optimizer steps: checkpoint step_00000100 holds the state after 100 updates, and
-the metrics line of step 100 describes the update that made it."""
+the metrics line of step 100 describes the update that made it.
+
+Several processes (torchrun) or tp/cp/pp > 1: magi_train.parallel builds this rank's part of the model and runs
+its forward/backward (parallel_runtime.py); the loop then reduces what it reports over the job (loss over the
+data-parallel ranks, the global gradient norm) and saves layout-independent checkpoints
+(layout_checkpoint.py). Microbatches are numbered as one process would number them (data and noise), so a
+layout trains the same model on the same samples as one process with the same global batch:
+data-parallel size x microbatches per rank x data.batch_size."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,7 +24,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from magi_train.config import ConfigError
@@ -27,14 +33,16 @@ from magi_train.diffusion import FlowMatchingLoss, TBinStats, prepare_inputs
 
 from .build import autocast_dtype, build_model, build_train_loader, build_validation_batches, resolve_device, wrap_model
 from .checkpoint import CheckpointManager, pack_rank_state, rank_key, rng_state, set_rng_state, unpack_rank_state
-from .ema import EMA
+from .ema import EMA, clean_name
 from .export import export_magi
 from .flops import peak_flops_per_second, train_flops
 from .freeze import apply_freezing
+from .layout_checkpoint import FORMAT, data_key, has_entry, is_layout_independent, saved_keys
 from .metrics import MetricsLogger, peak_memory_gib
 from .optim import build_lr_scheduler, build_optimizer
 from .preemption import PreemptionFlag
-from .seeding import seed_everything, step_generator
+from .parallel_runtime import ParallelRuntime, data_parallel_coords
+from .seeding import microbatch_generator, seed_everything
 from .step import forward_backward
 from .validation import validate
 
@@ -50,12 +58,6 @@ def distributed_info() -> tuple[int, int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-
-
-def data_parallel_coords(rank: int, world_size: int, parallel) -> tuple[int, int]:
-    """(dp_rank, dp_size) in Megatron's tp-cp-dp-pp order: ranks of one model-parallel group share the data."""
-    dp = parallel.resolved_dp(world_size)
-    return (rank // (parallel.tp * parallel.cp)) % dp, dp
 
 
 def config_as_dict(cfg: MagiConfig) -> dict:
@@ -75,28 +77,35 @@ class Trainer:
         self.flag: PreemptionFlag | None = None   # installed by fit(), restored when it returns
         self.rank, self.world_size, local_rank = distributed_info()
         validate_config(cfg, self.world_size)
-        if self.world_size > 1 or cfg.parallel.model_parallel_size > 1:
-            # several processes would each train their own copy without a gradient in common: refuse, never diverge
-            raise ConfigError("parallel: the training loop runs one process for now; tp/cp/pp/dp > 1 are proven in "
-                              "magi_train.parallel (forward_backward, checkpoints) but not yet wired into "
-                              "magi_train.train - run with one process")
-        self.dp_rank, self.dp_size = data_parallel_coords(self.rank, self.world_size, cfg.parallel)
+        self.micro_per_step = self._microbatches_per_step(cfg)
         self.mp_size = cfg.parallel.model_parallel_size
         self.run_dir = Path(cfg.output_dir) / cfg.name
         self.device = resolve_device(cfg.train, local_rank)
+        self.parallel: ParallelRuntime | None = None
+        if self.world_size > 1 or self.mp_size > 1:
+            self.parallel = ParallelRuntime(cfg, self.device)
+            env = self.parallel.env
+            self.rank, self.dp_rank, self.dp_size, self.device = env.rank, env.dp_rank, env.dp, env.device
+        else:
+            self.dp_rank, self.dp_size = data_parallel_coords(self.rank, self.world_size, cfg.parallel)
         self.amp_dtype = autocast_dtype(cfg.train, self.device)
         seed_everything(cfg.train.seed + self.rank)
 
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.train.checkpoint.keep_last)
         resume_from = self._resume_path()
         # a resumed run takes every weight from its checkpoint: reading the MAGI-1 release again would be wasted
-        model = build_model(cfg.model, self.device, None if resume_from else cfg.train.init_from)
-        self.num_trainable, self.num_params = apply_freezing(model, cfg.train.trainable, cfg.train.frozen)
-        self.model = wrap_model(model, cfg.train)
-        self.optimizer = build_optimizer(self.model, cfg.train.optimizer)
+        init_from = None if resume_from else cfg.train.init_from
+        if self.parallel is not None:
+            self.model = self.parallel.build_model(cfg, init_from)
+            self.num_trainable, self.num_params = self.parallel.num_trainable, self.parallel.num_params
+            seed_everything(cfg.train.seed + self.rank)
+        else:
+            model = build_model(cfg.model, self.device, init_from)
+            self.num_trainable, self.num_params = apply_freezing(model, cfg.train.trainable, cfg.train.frozen)
+            self.model = wrap_model(model, cfg.train)
+        self.optimizer = build_optimizer(self.model, cfg.train.optimizer, allow_empty=self.parallel is not None)
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.train.schedule, cfg.train.max_steps)
-        e = cfg.train.ema
-        self.ema = EMA(self.model, e.decay, e.warmup) if e.enabled else None
+        self.ema = self._new_ema() if cfg.train.ema.enabled else None
         self.loader = build_train_loader(cfg, self.dp_rank, self.dp_size)
         self.batches = iter(self.loader)
         self.raw_encoder = None
@@ -104,14 +113,20 @@ class Trainer:
             from .raw_encoding import RawBatchEncoder
             self.raw_encoder = RawBatchEncoder(cfg.encoders, cfg.model)
         v = cfg.train.validation
-        self.val_batches = build_validation_batches(cfg, v.batches, self.dp_rank, self.dp_size) if v.every_steps else []
+        # every rank evaluates the same held-out batches (the one-process ones): FSDP and pipeline stages need
+        # every rank in each forward, and the numbers equal one process's
+        self.val_batches = build_validation_batches(cfg, v.batches) if v.every_steps else []
         self.val_batches = [self._encode(b) for b in self.val_batches]
         if v.every_steps and not self.val_batches:
             log.warning("train.validation.every_steps=%d but there is no held-out data (data.val_shards): "
                         "no validation", v.every_steps)
 
         self.loss_fn = FlowMatchingLoss()
-        self.forward_backward = forward_backward   # a pipeline-parallel schedule replaces it (same signature)
+        self.forward_backward = forward_backward   # same signature for every layout, pipelines included
+        if self.parallel is not None:
+            from magi_train.parallel import forward_backward as parallel_forward_backward
+
+            self.forward_backward = parallel_forward_backward
         self.tbins = TBinStats(cfg.train.flow.t_bins)
         self.step = 0
         self.last_saved_step = -1
@@ -122,6 +137,24 @@ class Trainer:
             log.info("resumed from %s at step %d", resume_from, self.step)
 
     # ------------------------------------------------------------------ setup
+    @staticmethod
+    def _microbatches_per_step(cfg: MagiConfig) -> int:
+        """train.grad_accum_steps; with pipeline stages, parallel.pp_microbatches (the schedule's count)."""
+        p, accum = cfg.parallel, cfg.train.grad_accum_steps
+        if p.pp == 1:
+            return accum
+        if accum not in (1, p.pp_microbatches):
+            raise ConfigError(f"train.grad_accum_steps: with parallel.pp={p.pp} each step runs "
+                              f"parallel.pp_microbatches={p.pp_microbatches} microbatches; set grad_accum_steps to 1 "
+                              f"or {p.pp_microbatches}, got {accum}")
+        return p.pp_microbatches
+
+    def _new_ema(self) -> EMA:
+        e = self.cfg.train.ema
+        if self.parallel is not None:
+            return EMA(None, e.decay, e.warmup, named_parameters=self.parallel.named_parameters())
+        return EMA(self.model, e.decay, e.warmup)
+
     def _prepare_run_dir(self) -> None:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -146,6 +179,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def _state(self) -> dict:
+        if self.parallel is not None:
+            return self._layout_state(self.parallel.plan, self.parallel.named_parameters())
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         state = {
             "model": model_sd,
@@ -167,12 +202,28 @@ class Trainer:
         self.last_saved_step = self.step
         return path
 
+    def _layout_state(self, plan, named_parameters) -> dict:
+        """The layout-independent format (layout_checkpoint.py) of this run's state."""
+        from .layout_checkpoint import tensor_state
+
+        state = tensor_state(plan, named_parameters, self.optimizer, self.ema)
+        state.update({
+            "scheduler": pack_rank_state(self.scheduler.state_dict()),
+            "trainer": {"step": self.step, "world_size": self.world_size, "dp_size": self.dp_size, "format": FORMAT},
+            rank_key(self.rank): pack_rank_state({"rng": rng_state()}),
+            data_key(self.dp_rank): pack_rank_state({"data": self.loader.state_dict()}),
+        })
+        return state
+
     def load_checkpoint(self, path: Path) -> None:
+        keys = saved_keys(path)
+        if is_layout_independent(keys) or self.parallel is not None:
+            self._load_layout_independent(path, keys)
+            return
         state = self._state()
-        saved_keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata
         mine = rank_key(self.rank)
         for key in (mine, "ema"):
-            if key in state and not any(k == key or k.startswith(key + ".") for k in saved_keys):
+            if key in state and not has_entry(keys, key):
                 state.pop(key)
         CheckpointManager.load(path, state)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
@@ -192,6 +243,54 @@ class Trainer:
                         "this rank start fresh", state["trainer"]["world_size"], self.world_size)
         self.batches = iter(self.loader)
 
+    def _load_layout_independent(self, path: Path, keys: set[str]) -> None:
+        """Resume from a checkpoint of any layout into this one, or into one process; a parallel run also
+        resumes a one-process checkpoint (whole tensors, read one parameter at a time)."""
+        from .layout_checkpoint import (
+            copy_shared,
+            load_one_process_checkpoint,
+            one_process_plan,
+            prepare_optimizer_for_load,
+            restore_lr,
+        )
+
+        prepare_optimizer_for_load(self.optimizer)
+        if self.parallel is not None:
+            state = self._state()
+        else:
+            named = [(clean_name(n), p) for n, p in self.model.named_parameters()]
+            state = self._layout_state(one_process_plan(self.cfg.model, self.device), named)
+        mine, my_data = rank_key(self.rank), data_key(self.dp_rank)
+        one_process = not is_layout_independent(keys)
+        saved = {mine: has_entry(keys, mine) and not one_process, "ema": has_entry(keys, "ema"),
+                 my_data: has_entry(keys, rank_key(0)) if one_process else has_entry(keys, my_data)}
+        for key, present in saved.items():
+            if key in state and not present:
+                state.pop(key)
+        if one_process:
+            load_one_process_checkpoint(path, state)
+        else:
+            CheckpointManager.load(path, state)
+        if self.parallel is not None:
+            copy_shared(self.model, self.optimizer)
+        self.scheduler.load_state_dict(unpack_rank_state(state["scheduler"]))
+        restore_lr(self.optimizer, self.scheduler)
+        if self.ema is not None and "ema" in state:
+            self.ema.updates = int(state["ema"]["updates"])
+        elif self.ema is not None:
+            log.warning("resume: %s holds no EMA weights; the EMA starts from the loaded weights", path)
+            self.ema = self._new_ema()
+        trainer = state["trainer"]
+        self.step = self.last_saved_step = int(trainer["step"])
+        if mine in state and int(trainer["world_size"]) == self.world_size:
+            set_rng_state(unpack_rank_state(state[mine])["rng"])
+        if my_data in state and int(trainer["dp_size"]) == self.dp_size:
+            self.loader.load_state_dict(unpack_rank_state(state[my_data])["data"])
+        else:
+            log.warning("resume: checkpoint was written by %s data-parallel ranks, this run has %d: the data "
+                        "position starts fresh", trainer["dp_size"], self.dp_size)
+        self.batches = iter(self.loader)
+
     # ------------------------------------------------------------------ one step
     def _encode(self, batch: dict) -> dict:
         return self.raw_encoder(batch) if self.raw_encoder is not None else batch
@@ -207,9 +306,9 @@ class Trainer:
         cfg = self.cfg.train
         chunk_width = self.cfg.model.chunk_width
         micro, flops, tokens, samples = [], 0.0, 0, 0
-        for m in range(cfg.grad_accum_steps):
+        for m in range(self.micro_per_step):
             batch = self._next_batch()
-            g = step_generator(cfg.seed, self.dp_rank, self.step, m, self.device)
+            g = microbatch_generator(cfg.seed, self.step, m, self.dp_rank, self.dp_size, self.device)
             micro.append(prepare_inputs(batch, g, cfg.flow, chunk_width, self.device))
             B, _, T, H, W = batch["latent"].shape
             L = batch["text_emb"].shape[1]
@@ -221,9 +320,13 @@ class Trainer:
         stall = os.environ.get(FAULT_STALL_STEP)
         if stall and int(stall) == self.step + 1:
             _stall(self.run_dir / f"stalled_at_step_{self.step + 1}", self.flag)
-        params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if self.parallel is not None:
+            loss = self.parallel.mean_over_dp(loss)
+            grad_norm = self.parallel.clip_grad_norm(max_norm)
+        else:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         lr = self.optimizer.param_groups[0]["lr"]
         skipped = not math.isfinite(grad_norm)
         if skipped:
@@ -236,8 +339,12 @@ class Trainer:
         if self.ema is not None and not skipped and self.step % self.cfg.train.ema.update_every == 0:
             self.ema.update()
         self.tbins.reset()
-        for (kwargs, _, weight), per_chunk in zip(micro, self.loss_fn.pop(), strict=True):
-            self.tbins.add(per_chunk, kwargs["t"], weight)
+        chunk_losses = self.loss_fn.pop()
+        if chunk_losses or self.parallel is None:     # pipeline stages before the last compute no loss
+            for (kwargs, _, weight), per_chunk in zip(micro, chunk_losses, strict=True):
+                self.tbins.add(per_chunk, kwargs["t"], weight)
+        if self.parallel is not None:
+            self.parallel.reduce_tbins(self.tbins)
         out = {"loss": float(loss), "lr": lr, "grad_norm": grad_norm, "skipped": skipped,
                "_flops": flops, "_tokens": tokens, "_samples": samples}
         out.update({f"loss/{k}": v for k, v in self.tbins.summary().items()})
@@ -261,7 +368,15 @@ class Trainer:
     def export(self) -> Path | None:
         c = self.cfg.train.checkpoint
         out = self.run_dir / "export" / f"step_{self.step:08d}"
+        if self.parallel is not None:
+            return self.parallel.export(self.ema if c.export_ema else None, out, c.export_dtype)
         return export_magi(self.model, self.ema if c.export_ema else None, out, c.export_dtype)
+
+    def close(self) -> None:
+        """Tear down the process groups of a parallel run (nothing for one process)."""
+        if self.parallel is not None:
+            self.parallel.close()
+            self.parallel = None
 
     def fit(self) -> int:
         cfg = self.cfg.train

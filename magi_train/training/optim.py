@@ -26,12 +26,17 @@ def _implementation(cfg: OptimizerConfig, params: list[torch.Tensor]) -> dict:
     return {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}[impl]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters (requires_grad), weight decay on matrices only."""
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, allow_empty: bool = False) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters (requires_grad), weight decay on matrices only. allow_empty: a rank
+    whose part of the model is all frozen (a pipeline stage) gets an AdamW over one empty placeholder, so the
+    scheduler, checkpoints and the loop treat it like any other rank."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (decay if _decays(name, p) else no_decay).append(p)
+    if not decay and not no_decay and allow_empty:
+        device = next(model.parameters()).device
+        no_decay = [nn.Parameter(torch.zeros(0, device=device))]
     if not decay and not no_decay:
         raise ValueError("train.trainable: no parameter is left to train (check train.trainable / train.frozen)")
     groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},

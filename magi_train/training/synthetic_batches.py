@@ -3,7 +3,11 @@
 Each sample is one of `num_patterns` smooth random patterns drifting across the frame (a different direction per
 pattern) plus a little noise; its caption names the pattern and its caption embedding is that pattern's fixed
 random embedding. So text actually predicts content and the model has something to learn, yet everything is
-a deterministic function of (seed, sample index): a resumed run sees the same batches."""
+a deterministic function of (seed, sample index): a resumed run sees the same batches.
+
+Data-parallel ranks split the one-process stream by batches, round-robin: rank r of W takes batches r, r+W,
+r+2W, ... of each epoch's (shared) order. So W ranks with A microbatches a step see, microbatch for
+microbatch, what one process with W*A microbatches sees (the training loop seeds the noise the same way)."""
 from __future__ import annotations
 
 import math
@@ -34,11 +38,11 @@ class SyntheticBatches:
         self.text_dim = model_cfg.caption_channels
         self.num_samples = cfg.num_samples if split == "train" else cfg.val_num_samples
         self.seed = cfg.seed if split == "train" else cfg.seed + 7919
-        mine = len(range(rank, self.num_samples, world_size))
-        if mine < cfg.batch_size:
-            raise ValueError(f"data.num_samples: rank {rank} of {world_size} gets {mine} samples, fewer than "
-                             f"data.batch_size={cfg.batch_size}")
-        self.batches_per_epoch = mine // cfg.batch_size
+        whole_batches = self.num_samples // cfg.batch_size
+        if whole_batches < world_size:
+            raise ValueError(f"data.num_samples: {self.num_samples} samples make {whole_batches} batches of "
+                             f"data.batch_size={cfg.batch_size}, fewer than the {world_size} data-parallel ranks")
+        self.batches_per_epoch = whole_batches // world_size
         self.epoch, self.batch_in_epoch = 0, 0
         self._patterns = self._make_patterns()
 
@@ -69,16 +73,18 @@ class SyntheticBatches:
 
     # --- order ---
     def _epoch_order(self, epoch: int) -> list[int]:
-        mine = list(range(self.rank, self.num_samples, self.world_size))
+        """Every sample index once, in this epoch's order (the same on every rank)."""
+        order = list(range(self.num_samples))
         if self.cfg.shuffle and self.split == "train":
-            perm = torch.randperm(len(mine), generator=_generator(self.seed, 3, epoch)).tolist()
-            mine = [mine[i] for i in perm]
-        return mine
+            order = torch.randperm(self.num_samples, generator=_generator(self.seed, 3, epoch)).tolist()
+        return order
 
     def batch(self, epoch: int, b: int) -> dict:
+        """This rank's batch b of `epoch`: batch b * world_size + rank of the one-process stream."""
         order = self._epoch_order(epoch)
         bs = self.cfg.batch_size
-        samples = [self.sample(i) for i in order[b * bs:(b + 1) * bs]]
+        g = b * self.world_size + self.rank
+        samples = [self.sample(i) for i in order[g * bs:(g + 1) * bs]]
         out = {k: torch.stack([s[k] for s in samples]) for k in ("latent", "text_emb", "text_mask")}
         out.update({k: [s[k] for s in samples] for k in ("caption", "key")})
         return out

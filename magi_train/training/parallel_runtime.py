@@ -1,0 +1,166 @@
+"""What the training loop needs from magi_train.parallel when it runs several processes or tp/cp/pp > 1:
+process groups, the model of this rank, and the reductions that make its numbers those of the whole job.
+
+    rt = ParallelRuntime(cfg, device)          # torch.distributed + megatron-core groups (torchrun's env)
+    model = rt.build_model(cfg, init_from)     # TP spec, PP stage, CP, FSDP/DDP; freezing, AC, compile
+    loss = rt.mean_over_dp(loss); norm = rt.clip_grad_norm(max_norm); rt.reduce_tbins(tbins)
+
+Initial weights equal one process's whenever that is affordable: a MAGI-1 checkpoint (train.init_from) is
+read one tensor at a time into this rank's shard; without one, models up to SAME_INIT_MAX_PARAMS parameters
+are built whole, as one process builds them (same seed, same device type), and cut into this rank's shard, so
+a layout trains the very model one process trains. Larger ones take magi_train.parallel's seeded per-tensor
+init, built shard by shard."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from magi_train.config import ConfigError, MagiConfig, TrainConfig
+from magi_train.model import build_dit
+
+from .freeze import freezing_counts, is_trainable
+from .seeding import seed_everything
+
+log = logging.getLogger("magi_train")
+
+# whole-model fp32 init per process: 4 GiB at most, once, before sharding
+SAME_INIT_MAX_PARAMS = 1_000_000_000
+
+
+def data_parallel_coords(rank: int, world_size: int, parallel) -> tuple[int, int]:
+    """(dp_rank, dp_size) in Megatron's tp-cp-dp-pp order: ranks of one model-parallel group share the data."""
+    dp = parallel.resolved_dp(world_size)
+    return (rank // (parallel.tp * parallel.cp)) % dp, dp
+
+
+def prepare_shell(shell: nn.Module, train_cfg: TrainConfig) -> None:
+    """parallelize's hook, before FSDP/DDP: freezing by name, activation checkpointing, compile, per block.
+
+    Activation checkpointing is the composable kind (hooks), which keeps parameter names MAGI-1's: the layout's
+    gradient bookkeeping and checkpoints go by name."""
+    from magi_train.model.block import TransformerLayer
+
+    for name, p in shell.named_parameters():
+        p.requires_grad_(is_trainable(name, train_cfg.trainable, train_cfg.frozen))
+    layers = [m for m in shell.videodit_blocks.layers if isinstance(m, TransformerLayer)]
+    if train_cfg.activation_checkpointing:
+        from torch.distributed._composable import checkpoint
+
+        for layer in layers:
+            checkpoint(layer)
+    if train_cfg.compile:
+        for layer in layers:
+            layer.compile()
+
+
+class ParallelRuntime:
+    def __init__(self, cfg: MagiConfig, device: torch.device):
+        from magi_train.parallel import init_parallel
+
+        pcfg = cfg.parallel
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if pcfg.backend == "auto":
+            pcfg = dataclasses.replace(pcfg, backend=backend)
+        elif pcfg.backend != backend:
+            raise ConfigError(f"parallel.backend: {pcfg.backend!r} does not run on train.device={device.type}; "
+                              f"use 'auto' or {backend!r}")
+        self.env = init_parallel(pcfg)
+        if self.env.distributed:
+            expected = data_parallel_coords(self.env.rank, self.env.world_size, pcfg)
+            if expected != (self.env.dp_rank, self.env.dp):
+                raise RuntimeError(f"data-parallel coordinates of rank {self.env.rank}: megatron-core says "
+                                   f"{(self.env.dp_rank, self.env.dp)}, the tp-cp-dp-pp order says {expected}")
+        self.model: nn.Module | None = None
+        self.num_trainable = self.num_params = 0
+
+    @property
+    def plan(self):
+        return self.model.magi_parallel
+
+    def named_parameters(self):
+        """(MAGI-1 name, this rank's parameter), each name once."""
+        return self.plan.named_parameters()
+
+    # ------------------------------------------------------------------ model
+    def build_model(self, cfg: MagiConfig, init_from: str | None) -> nn.Module:
+        from magi_train.model.checkpoint_io import CheckpointMismatch
+        from magi_train.parallel import magi_tensor_getter, parallelize
+
+        model_cfg = dataclasses.replace(cfg.model, params_dtype="float32")   # fp32 master weights, as one process
+        meta = build_dit(model_cfg, device="meta")
+        sizes = {n: p.numel() for n, p in meta.named_parameters()}
+        self.num_trainable, self.num_params = freezing_counts(sizes, cfg.train.trainable, cfg.train.frozen)
+        full_state = None
+        if init_from:
+            try:
+                full_state = magi_tensor_getter(init_from, fp8=False)
+            except (FileNotFoundError, ValueError) as e:
+                raise ValueError(f"train.init_from: {e}") from None
+        elif self.num_params <= SAME_INIT_MAX_PARAMS:
+            seed_everything(cfg.train.seed)   # what one process draws (Trainer seeds seed + rank, rank 0 there)
+            full_state = build_dit(model_cfg, device=self.env.device, dtype=torch.float32).state_dict()
+        else:
+            log.info("%.2fB parameters: seeded per-shard init (not one process's init)", self.num_params / 1e9)
+        try:
+            self.model = parallelize(model_cfg, env=self.env, full_state=full_state, seed=cfg.train.seed,
+                                     prepare=partial(prepare_shell, train_cfg=cfg.train))
+        except CheckpointMismatch as e:
+            raise ValueError(f"train.init_from: {e}") from None
+        if init_from:
+            log.info("initialised from MAGI-1 checkpoint %s", init_from)
+        return self.model
+
+    # ------------------------------------------------------------------ reductions
+    def mean_over_dp(self, loss: torch.Tensor) -> torch.Tensor:
+        """The step's loss over the whole global batch (each replica computed the mean of its microbatches)."""
+        loss = loss.detach().float().clone().to(self.env.device)
+        if self.env.dp_group is not None:
+            dist.all_reduce(loss, group=self.env.dp_group)
+            loss /= self.env.dp
+        return loss
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        from magi_train.parallel.grads import clip_grad_norm_
+
+        return clip_grad_norm_(self.plan, max_norm)
+
+    def loss_owner(self) -> bool:
+        """One rank per model replica contributes its per-chunk losses: the last pipeline stage's first
+        tp/cp rank (the others compute the same numbers or none)."""
+        env = self.env
+        return env.pp_rank == env.pp - 1 and env.tp_rank == 0 and env.cp_rank == 0
+
+    def reduce_tbins(self, tbins) -> None:
+        """Per-t-bin sums and counts of the whole job, on every rank."""
+        n = len(tbins.sums)
+        buf = torch.tensor(tbins.sums + tbins.counts, dtype=torch.float64, device=self.env.device)
+        if not self.loss_owner():
+            buf.zero_()
+        if self.env.distributed:
+            dist.all_reduce(buf)
+        values = buf.cpu().tolist()
+        tbins.sums, tbins.counts = values[:n], [int(round(c)) for c in values[n:]]
+
+    # ------------------------------------------------------------------ export, end
+    def export(self, ema, out_dir, dtype: str):
+        """MAGI-1 safetensors from this layout (EMA weights when given); the directory on rank 0."""
+        from magi_train.parallel.checkpoint import export_magi
+
+        tensors = dict(ema.shadow) if ema is not None else None
+        return export_magi(self.model, out_dir, {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype],
+                           tensors=tensors)
+
+    def close(self) -> None:
+        from magi_train.parallel import destroy_parallel
+
+        if dist.is_initialized():
+            dist.barrier()
+        destroy_parallel()
+
+
+__all__ = ["ParallelRuntime", "SAME_INIT_MAX_PARAMS", "prepare_shell", "data_parallel_coords"]
