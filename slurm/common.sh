@@ -35,6 +35,9 @@ export MASTER_ADDR MASTER_PORT
 # NCCL: fail fast and say why, instead of hanging until the job's time limit
 export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
+# torchrun SIGKILLs its workers 30 s after passing on a SIGTERM: too short for a large model's checkpoint.
+# Give them most of the --signal=B:USR1@300 warning (the checkpoint is atomic either way, never torn)
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-240}"
 
 SRUN_PID=""
 _magi_requeue() {

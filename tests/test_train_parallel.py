@@ -10,8 +10,10 @@ tp2. Each run ends with a MAGI-1 export of its EMA weights (fp32).
 Checked: per-step loss, gradient norm, lr and held-out loss against one process (1e-5 relative); the resumed
 steps against the uninterrupted ones; each export loads into build_dit and gives one process's forward."""
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 # were checked on the device machine; CI runs them on CPU with gloo
 DEVICE = os.environ.get("MAGI_TEST_TRAIN_DEVICE", "cpu")
 TOL = 1e-5
+ZERO_GRADIENT_SUFFIXES = ("k_layernorm.bias", "k_layernorm_xattn.bias")
 STEPS = 4
 COMMON = ["experiment=smoke", f"train.max_steps={STEPS}", "data.batch_size=1", f"train.device={DEVICE}",
           "train.precision=fp32", "train.progress_bar=false", "train.log_every=1", "train.wandb.mode=disabled",
@@ -45,6 +48,11 @@ RESUMES = {
 }
 
 
+def _fits(nproc: int) -> bool:
+    """On GPUs each process takes one: a job of more processes than GPUs is skipped (CPU runs them all)."""
+    return DEVICE == "cpu" or nproc <= torch.cuda.device_count()
+
+
 def _run(out: Path, name: str, nproc: int, extra: list[str]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "WANDB_MODE": "disabled"}
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
@@ -59,7 +67,8 @@ def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("train_parallel")
     _run(out, "single", 1, ["train.grad_accum_steps=4"])
     for name, (nproc, extra) in LAYOUTS.items():
-        _run(out, name, nproc, extra)
+        if _fits(nproc):
+            _run(out, name, nproc, extra)
     for name, (nproc, extra, source) in RESUMES.items():
         _run(out, name, nproc, [*extra, f"resume={out / source / 'checkpoints' / 'step_00000002'}"])
     return out
@@ -72,6 +81,8 @@ def _rel(a: float, b: float) -> float:
 @pytest.mark.dist
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_trains_like_one_process(runs, layout):
+    if not _fits(LAYOUTS[layout][0]):
+        pytest.skip(f"{layout} needs {LAYOUTS[layout][0]} GPUs")
     ref = read_metrics(runs / "single" / "metrics.jsonl")
     got = read_metrics(runs / layout / "metrics.jsonl")
     assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
@@ -122,15 +133,48 @@ def test_exports_of_every_layout_load_into_build_dit(runs):
     ref_weights = read_safetensors(runs / "single" / where)
     v_ref = _probe_forward(model_cfg, runs / "single" / where)
     assert (runs / "pp2" / where / "model.safetensors.index.json").is_file()    # one shard per pipeline stage
-    for name in [*LAYOUTS, *RESUMES]:
+    for name in [n for n in [*LAYOUTS, *RESUMES] if (runs / n).is_dir()]:
         weights = read_safetensors(runs / name / where)
         assert weights.keys() == ref_weights.keys(), name
-        # EMA weights after 4 AdamW steps: equal up to round-off (a few parameters have analytically zero
-        # gradients, so their relative error is noise; their absolute one is tiny)
-        worst = max(float((weights[k] - ref_weights[k]).abs().max()) for k in weights)
-        assert worst < 5e-6, (name, worst)
+        # EMA weights after 4 AdamW steps (lr 1e-3), elementwise within 5e-5 + 1e-5 relative: AdamW's first
+        # steps move an element by about lr whatever its gradient's size, so where a gradient is round-off
+        # small the layouts may differ by a fraction of one step (1.3e-5 seen on GPUs); a wrong shard or a
+        # missed update is off by lr or more. The key layernorms' biases, whose gradients are analytically
+        # zero (a bias added to every key shifts a query's logits by a constant), are left to the forward check
+        errors = {k: float(((weights[k] - ref_weights[k]).abs() - 1e-5 * ref_weights[k].abs()).max())
+                  for k in weights if not k.endswith(ZERO_GRADIENT_SUFFIXES)}
+        worst = max(errors, key=errors.get)
+        assert errors[worst] < 5e-5, (name, worst, errors[worst])
         v = _probe_forward(model_cfg, runs / name / where)
         assert float((v - v_ref).norm() / v_ref.norm()) < TOL, name
+
+
+@pytest.mark.dist
+def test_sigterm_to_torchrun_checkpoints_every_rank_at_one_step(tmp_path):
+    """Slurm's preemption path: torchrun passes SIGTERM on; the ranks agree on the step, write one complete
+    checkpoint of it and exit 0 (torchrun itself then reports the signal)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+           "magi_train.train", "experiment=smoke", "train.max_steps=100000", "train.device=cpu", "parallel.tp=2",
+           "train.progress_bar=false", "train.checkpoint.every_steps=0", "train.validation.every_steps=0",
+           f"output_dir={tmp_path}", "name=pre"]
+    log = tmp_path / "pre.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        metrics = tmp_path / "pre" / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        while not (metrics.is_file() and len(read_metrics(metrics)) >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    text = log.read_text()
+    assert text.count("exiting") == 1 and "Traceback (most recent call last)" not in text.split("death signal")[0]
+    saved = sorted(p.name for p in (tmp_path / "pre" / "checkpoints").iterdir())
+    last = max(read_metrics(metrics))
+    assert saved == [f"step_{last:08d}"], (saved, last)
+    assert f"stop signal 15: checkpoint of step {last} written" in text
+    assert "exitcode  : -9" not in text and "exitcode: -9" not in text     # no worker was killed
 
 
 # ----------------------------------------------------------------------------- the pieces, in one process
