@@ -2,7 +2,7 @@
 
 Accepts MAGI-1's example json configs (and our yaml, configs/infer/), MAGI-1's run-time keys as hydra-style
 overrides (num_steps=12 window_size=4 model.num_layers=2 ...), repeated --prompt with --prompt_start_chunks for
-chunk-wise prompts (--prompt A --prompt B --prompt_start_chunks 0,3). torchrun with cp_size / tp_size > 1 runs the parallel layouts. Bad input exits with one line."""
+chunk-wise prompts (--prompt A --prompt B --prompt_start_chunks 0,3). torchrun with cp_size / tp_size / pp_size > 1 runs the parallel layouts. Bad input exits with one line."""
 from __future__ import annotations
 
 import argparse

@@ -38,7 +38,7 @@ class ChunkGenerator:
         cfg = model.cfg
         self.model, self.sampler, self.cond = model, sampler, cond
         self.cw = cw = cfg.chunk_width
-        self.device = torch.device(device) if device is not None else model.rope.bands.device
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.num_chunks = num_chunks
         P = cond.prefix_frames
         self.first_chunk = P // cw
