@@ -129,10 +129,6 @@ def _full_shape(plan: ParallelPlan, name: str, tensor: torch.Tensor) -> tuple[in
     return full_shape(name, tensor.shape, plan.model_cfg, plan.env.tp)
 
 
-def _params_by_id(plan: ParallelPlan) -> dict[int, str]:
-    return {id(p): n for n, p in plan.named_parameters()}
-
-
 def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     """Create the optimizer's per-parameter state (one zero-gradient step at lr 0) so a checkpoint can be
     loaded into it; parameters and their gradients are left as they were."""
@@ -152,27 +148,25 @@ def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
         p.grad = grad
 
 
+def optimizer_views(plan: ParallelPlan, named_parameters, optimizer: torch.optim.Optimizer) -> dict:
+    """{name: {key: tensor}} of the optimizer's per-parameter state, loadable in place: moments laid out like
+    the parameter become global views, step counters stay themselves. named_parameters: (name, parameter), each
+    name once (pipeline-shared copies beyond the first are left out); parameters without state are left out."""
+    out = {}
+    for name, p in named_parameters:
+        state = optimizer.state.get(p)
+        if state:
+            out[name] = {k: global_view(plan, name, v) if v.shape == p.shape else v
+                         for k, v in state.items() if torch.is_tensor(v)}
+    return out
+
+
 def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
     """DCP-ready, layout-independent state of the model (and optimizer) of any layout; in-place loadable."""
     plan = plan_of(model)
     out = {"model": {n: global_view(plan, n, p) for n, p in plan.named_parameters()}}
     if optimizer is not None:
-        names = _params_by_id(plan)
-        optim = {}
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                name = names.get(id(p))
-                if name is None:
-                    continue  # a pipeline-shared copy: the first one stands for all
-                state = optimizer.state.get(p, {})
-                entry = {}
-                for k, v in state.items():
-                    if torch.is_tensor(v) and v.shape == p.shape:
-                        entry[k] = global_view(plan, name, v)
-                    elif torch.is_tensor(v):
-                        entry[k] = v
-                optim[name] = entry
-        out["optim"] = optim
+        out["optim"] = optimizer_views(plan, plan.named_parameters(), optimizer)
     return out
 
 

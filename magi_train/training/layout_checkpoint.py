@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 
 import torch
-from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
 
 from magi_train.config import ModelConfig
@@ -56,28 +55,15 @@ def tensor_state(plan, named_parameters, optimizer: torch.optim.Optimizer | None
     """{"model": {name: view}, "optimizer": {name: {exp_avg: view, ...}}, "ema": {...}}: canonical views of the
     live tensors, so a DCP load fills the model, the optimizer and the EMA in place. named_parameters: (MAGI-1
     name, parameter), each name once; the optimizer's other parameters (pipeline-shared copies) are left out."""
-    from magi_train.parallel.checkpoint import global_view
+    from magi_train.parallel.checkpoint import global_view, optimizer_views
 
     named = list(named_parameters)
     out = {"model": {n: global_view(plan, n, p) for n, p in named}}
     if optimizer is not None:
-        optim = {}
-        for n, p in named:
-            if p not in optimizer.state:
-                continue
-            optim[n] = {k: global_view(plan, n, v) if torch.is_tensor(v) and v.shape == p.shape else v
-                        for k, v in optimizer.state[p].items()}
-        out["optimizer"] = optim
+        out["optimizer"] = optimizer_views(plan, named, optimizer)
     if ema is not None:
         out["ema"] = {"updates": ema.updates, "shadow": {n: global_view(plan, n, t) for n, t in ema.shadow.items()}}
     return out
-
-
-def prepare_optimizer_for_load(optimizer: torch.optim.Optimizer) -> None:
-    """Create the AdamW moments (a zero step at lr 0) so that the load has tensors to fill."""
-    from magi_train.parallel.checkpoint import init_optimizer_state
-
-    init_optimizer_state(optimizer)
 
 
 def restore_lr(optimizer: torch.optim.Optimizer, scheduler) -> None:
@@ -139,12 +125,5 @@ def load_one_process_checkpoint(path: str | os.PathLike, state: dict) -> None:
             _place(whole[k], view)
 
 
-def copy_shared(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-    """Pipeline-shared copies take what was loaded into the first copy (parallel runs only)."""
-    from magi_train.parallel.checkpoint import after_load
-
-    after_load(model, optimizer)
-
-
 __all__ = ["FORMAT", "data_key", "saved_keys", "has_entry", "is_layout_independent", "one_process_plan",
-           "tensor_state", "load_one_process_checkpoint", "prepare_optimizer_for_load", "restore_lr", "copy_shared"]
+           "tensor_state", "load_one_process_checkpoint", "restore_lr"]

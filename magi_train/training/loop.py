@@ -232,7 +232,7 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         elif self.ema is not None:
             log.warning("resume: %s holds no EMA weights; the EMA starts from the loaded weights", path)
-            self.ema = EMA(self.model, self.cfg.train.ema.decay, self.cfg.train.ema.warmup)
+            self.ema = self._new_ema()
         self.step = self.last_saved_step = int(state["trainer"]["step"])
         if mine in state and int(state["trainer"]["world_size"]) == self.world_size:
             extra = unpack_rank_state(state[mine])
@@ -246,15 +246,11 @@ class Trainer:
     def _load_layout_independent(self, path: Path, keys: set[str]) -> None:
         """Resume from a checkpoint of any layout into this one, or into one process; a parallel run also
         resumes a one-process checkpoint (whole tensors, read one parameter at a time)."""
-        from .layout_checkpoint import (
-            copy_shared,
-            load_one_process_checkpoint,
-            one_process_plan,
-            prepare_optimizer_for_load,
-            restore_lr,
-        )
+        from magi_train.parallel.checkpoint import after_load, init_optimizer_state
 
-        prepare_optimizer_for_load(self.optimizer)
+        from .layout_checkpoint import load_one_process_checkpoint, one_process_plan, restore_lr
+
+        init_optimizer_state(self.optimizer)   # the AdamW moments must exist for the load to fill them
         if self.parallel is not None:
             state = self._state()
         else:
@@ -272,7 +268,7 @@ class Trainer:
         else:
             CheckpointManager.load(path, state)
         if self.parallel is not None:
-            copy_shared(self.model, self.optimizer)
+            after_load(self.model, self.optimizer)   # pipeline-shared copies take the loaded first copy
         self.scheduler.load_state_dict(unpack_rank_state(state["scheduler"]))
         restore_lr(self.optimizer, self.scheduler)
         if self.ema is not None and "ema" in state:
