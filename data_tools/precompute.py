@@ -27,8 +27,7 @@ from magi_train.data.dataset_index import resolve_shards
 from magi_train.data.sample_decode import resize_cover_crop
 from magi_train.data.shard_format import VIDEO_EXTS, load_index, read_members, write_shard
 from magi_train.data.video_codec import CorruptVideoError, read_video
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from magi_train.dtypes import DTYPES
 
 
 @dataclass
@@ -79,7 +78,7 @@ def _encoder_facts(vae, text_encoder) -> dict:
 def encode_shard(src: str, dst: Path, vae, text_encoder, resolution=None, max_frames=None, dtype="float32",
                  report: PrecomputeReport | None = None) -> int:
     """Encode every readable sample of one raw shard into a latent shard at dst; returns samples written."""
-    out_dtype = _DTYPES[dtype]
+    out_dtype = DTYPES[dtype]
     facts = _encoder_facts(vae, text_encoder)
     decoded = []   # (key, meta, caption, video tensor)
     index = load_index(src)
@@ -126,8 +125,8 @@ def precompute(raw_shard_dir, out_dir, vae, text_encoder, resolution: tuple[int,
                world_size: int | None = None, progress: bool = True) -> PrecomputeReport:
     """Encode this rank's share of the raw shards (shard i goes to rank i % world_size; rank and world_size
     default to torchrun's RANK / WORLD_SIZE). Output shards keep their input names; existing ones are skipped."""
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype: got {dtype!r}, accepted values are {', '.join(_DTYPES)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: got {dtype!r}, accepted values are {', '.join(DTYPES)}")
     env_rank, env_world = dist_rank_world()
     rank = env_rank if rank is None else rank
     world_size = env_world if world_size is None else world_size
@@ -193,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--text-path", default=None)
     ap.add_argument("--resolution", type=int, nargs=2, default=None, metavar=("H", "W"))
     ap.add_argument("--max-frames", type=int, default=None)
-    ap.add_argument("--dtype", default="float32", choices=tuple(_DTYPES), help="storage dtype of latents and text")
+    ap.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="storage dtype of latents and text")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--procs", type=int, default=1, help="processes per rank")
     args = vars(ap.parse_args(argv))

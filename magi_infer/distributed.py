@@ -13,6 +13,7 @@ import os
 import torch
 
 from magi_train.config import ConfigError
+from magi_train.dtypes import DTYPE_NAMES
 from magi_train.model import build_dit
 
 from .config import InferConfig
@@ -79,10 +80,9 @@ def _build_pipelined_model(cfg: InferConfig, env, dtype: torch.dtype):
     without a checkpoint, the random weights one process would draw with the same seed."""
     from magi_train.parallel import magi_tensor_getter, parallelize
 
-    names = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
-    if dtype not in names:
+    if dtype not in DTYPE_NAMES:
         raise ConfigError(f"dtype: pipeline-parallel inference runs in float32 or bfloat16, got {dtype}")
-    model_cfg = dataclasses.replace(cfg.model, params_dtype=names[dtype])
+    model_cfg = dataclasses.replace(cfg.model, params_dtype=DTYPE_NAMES[dtype])
     if cfg.load is not None:
         full_state = magi_tensor_getter(cfg.load, fp8=False, distill=cfg.model.distill)
     else:

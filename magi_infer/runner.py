@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from magi_train.dtypes import DTYPES
 from magi_train.encoders import TextEncoderConfig, VAEConfig, build_text_encoder, build_vae
 from magi_train.model import build_dit
 
@@ -24,7 +25,6 @@ from .pipeline import ChunkGenerator, FinishedChunk, num_chunks_for
 from .video_io import StreamingVideoWriter, frames_to_video, read_image, read_prefix_video, to_uint8_frames
 
 log = logging.getLogger("magi_infer")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def resolve_device(cfg: InferConfig) -> torch.device:

@@ -19,9 +19,8 @@ from magi_infer.conditioning import Conditioning
 from magi_infer.config import SamplerConfig
 from magi_infer.pipeline import ChunkGenerator
 from magi_train.config import model_preset
+from magi_train.dtypes import DTYPES
 from magi_train.model import build_dit
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def parse_args(argv=None):

@@ -1,13 +1,11 @@
 """build_text_encoder / build_vae: the one place a config turns into an encoder."""
 from __future__ import annotations
 
-import torch
+from magi_train.dtypes import DTYPES
 
 from .config import TextEncoderConfig, VAEConfig
 from .text_base import TextEncoder
 from .vae_base import TilingOptions, VideoVAE
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def build_text_encoder(cfg: TextEncoderConfig) -> TextEncoder:
@@ -34,7 +32,7 @@ def _check_matches(model: VideoVAE, cfg: VAEConfig) -> None:
 
 def build_vae(cfg: VAEConfig) -> VideoVAE:
     tiling = tiling_options(cfg)
-    dtype = _DTYPES[cfg.dtype]
+    dtype = DTYPES[cfg.dtype]
     if cfg.kind == "magi":
         from .vae_magi import MAGI_SCALE_FACTOR, load_magi_vae
         scale = cfg.scale_factor if cfg.scale_factor is not None else MAGI_SCALE_FACTOR

@@ -10,6 +10,7 @@ from einops import rearrange
 from torch import nn
 
 from magi_train.config import ModelConfig
+from magi_train.dtypes import DTYPES
 
 from .block import BlockContext, TransformerLayer
 from .chunk_layout import ChunkLayout
@@ -174,7 +175,7 @@ def build_dit(cfg: ModelConfig, spec: LayerSpec | None = None, device: str | tor
               dtype: torch.dtype | None = None) -> MagiDiT:
     """Build on `device` ('meta' for shape-only / later materialisation). Block weights take `dtype`
     (default: cfg.params_dtype); embedders, RoPE and the final linear stay fp32 as in MAGI-1."""
-    dtype = dtype or {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.params_dtype]
+    dtype = dtype or DTYPES[cfg.params_dtype]
     with torch.device(device):
         model = MagiDiT(cfg, spec)
     init_weights(model)

@@ -20,6 +20,7 @@ from torch import nn
 
 from magi_train.config import ConfigError, ModelConfig
 from magi_train.config.parallel_config import ParallelConfig
+from magi_train.dtypes import DTYPES
 from magi_train.model.dit import MagiDiT, build_dit
 
 from .context_parallel import SequenceSharding, apply_context_parallel
@@ -39,8 +40,6 @@ from .state_dict_adapter import param_role, shard_state_dict
 
 _QK_NORM = re.compile(r"\.self_attention\.(q|k)_layernorm(_xattn)?\.(weight|bias)$")
 _BLOCK = "videodit_blocks.layers."
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass

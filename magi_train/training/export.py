@@ -8,6 +8,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from magi_train.dtypes import DTYPES
+
 from .ema import EMA, clean_name
 
 
@@ -32,7 +34,7 @@ def export_magi(model: nn.Module, ema: EMA | None, out_dir: str | Path, dtype: s
     state = export_state_dict(model, ema)
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
-    return save_magi_checkpoint(state, out_dir, dtype={"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype])
+    return save_magi_checkpoint(state, out_dir, dtype=DTYPES[dtype])
 
 
 __all__ = ["export_magi", "export_state_dict"]

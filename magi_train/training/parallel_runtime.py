@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from magi_train.config import ConfigError, MagiConfig, TrainConfig
+from magi_train.dtypes import DTYPES
 from magi_train.model import build_dit
 
 from .freeze import freezing_counts, is_trainable
@@ -152,7 +153,7 @@ class ParallelRuntime:
         from magi_train.parallel.checkpoint import export_magi
 
         tensors = dict(ema.shadow) if ema is not None else None
-        return export_magi(self.model, out_dir, {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype],
+        return export_magi(self.model, out_dir, DTYPES[dtype],
                            tensors=tensors)
 
     def close(self) -> None:
