@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from magi_train.config.errors import ConfigError
+from magi_train.errors import ConfigError
 from magi_train.encoders import (TextEncoderConfig, VAEConfig, build_text_encoder, clean_caption,
                                  configs_from_runtime_keys, is_null_caption, load_special_tokens, null_caption_mask,
                                  prepend_token, substitute_null_caption)

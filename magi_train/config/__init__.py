@@ -1,5 +1,5 @@
 """Typed config tree; hydra fills it (see configs/)."""
-from .errors import ConfigError, check, check_choice
+from magi_train.errors import ConfigError, check, check_choice
 from .model_config import ModelConfig, PRESETS, model_preset
 from .parallel_config import ParallelConfig
 from .train_config import (CheckpointConfig, EMAConfig, FlowMatchingConfig, OptimizerConfig, ScheduleConfig,

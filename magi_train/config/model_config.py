@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
-from .errors import ConfigError, check, check_choice
+from magi_train.errors import ConfigError, check, check_choice
 
 ATTENTION_BACKENDS = ("reference", "sdpa_chunked", "flex", "flash_attn")
 LAYER_SPECS = ("local", "megatron", "te")

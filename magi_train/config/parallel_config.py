@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import ConfigError, check, check_choice
+from magi_train.errors import ConfigError, check, check_choice
 
 CP_STRATEGIES = ("ulysses",)
 PP_SCHEDULES = ("1f1b", "interleaved_1f1b", "gpipe")

@@ -17,7 +17,7 @@ from typing import Any, Optional, Union
 from magi_train.data.config import DataConfig
 from magi_train.encoders.config import TextEncoderConfig, VAEConfig
 
-from .errors import ConfigError, check
+from magi_train.errors import ConfigError, check
 from .model_config import ModelConfig
 from .parallel_config import ParallelConfig
 from .train_config import TrainConfig

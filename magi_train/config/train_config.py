@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .errors import ConfigError, check, check_choice
+from magi_train.errors import ConfigError, check, check_choice
 
 T_DISTRIBUTIONS = ("uniform", "logit_normal", "inference")
 CHUNK_SCHEDULES = ("sorted", "shared", "staggered")

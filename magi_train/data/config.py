@@ -3,13 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from magi_train.errors import ConfigError, check, check_choice
+
 KINDS = ("raw", "latent")
-
-
-def _errors():
-    # Imported late: magi_train.config imports this module to build its config tree.
-    from magi_train.config import errors
-    return errors
 
 
 @dataclass
@@ -36,7 +32,6 @@ class DataConfig:
     pin_memory: bool = False
 
     def __post_init__(self) -> None:
-        check, check_choice = _errors().check, _errors().check_choice
         check_choice(self.kind, "data.kind", KINDS)
         if self.shards is not None and not isinstance(self.shards, str):   # list, tuple, omegaconf ListConfig
             self.shards = [str(s) for s in self.shards]
@@ -66,4 +61,4 @@ class DataConfig:
 
 def _positive(v, field: str) -> None:
     if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-        raise _errors().ConfigError(f"{field}: must be a positive integer, got {v!r}")
+        raise ConfigError(f"{field}: must be a positive integer, got {v!r}")

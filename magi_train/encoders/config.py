@@ -4,24 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-
-# magi_train.config imports this module (its root config holds these dataclasses), so the error helpers are
-# imported when a check runs, not at import time: a module-level import would be circular.
-
-
-def ConfigError(message: str) -> ValueError:  # noqa: N802 - builds magi_train.config's ConfigError
-    from magi_train.config.errors import ConfigError as _ConfigError
-    return _ConfigError(message)
-
-
-def check(condition: bool, field: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"{field}: {message}")
-
-
-def check_choice(value, field: str, choices) -> None:
-    if value not in choices:
-        raise ConfigError(f"{field}: got {value!r}, accepted values are {', '.join(repr(c) for c in choices)}")
+from magi_train.errors import ConfigError, check, check_choice
 
 TEXT_ENCODER_KINDS = ("t5", "hash")
 VAE_KINDS = ("small", "magi")
