@@ -1,10 +1,30 @@
 import os
+from contextlib import contextmanager
 
 import pytest
 import torch
 
 # Tests compare numbers: keep fp32 matmuls exact-ish and threads few (CI has 2 cores, several workers may run).
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads set to n inside the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny tensors (`pytestmark = pytest.mark.usefixtures("one_thread")`): one thread is as
+    fast, and immune to spin-waiting when test processes share the cores."""
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture

@@ -17,13 +17,8 @@ from magi_train.diffusion import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small tensors: one thread is as fast, and immune to spin-waiting when the cores are shared
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)

@@ -5,7 +5,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from magi_infer.cli import main
 from magi_infer.video_io import PngDumper, count_frames
@@ -15,12 +14,7 @@ FAST = ["video_size_h=32", "video_size_w=32", "num_frames=16", "num_steps=4", "w
         "noise2clean_kvrange=[2,1]"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cli(tmp_path, mode, *extra, overrides=()):

@@ -7,6 +7,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from conftest import torch_threads
+
 from magi_infer.conditioning import Conditioning
 from magi_infer.config import load_infer_config
 from magi_infer.pipeline import ChunkGenerator
@@ -91,12 +93,8 @@ def test_context_parallel_equals_one_process(tmp_path):
     out_path = tmp_path / "cp.pt"
     mp.start_processes(_worker, args=(2, _free_port(), str(out_path)), nprocs=2, join=True, start_method="fork")
     cfg = load_infer_config("configs/infer/tiny.yaml", OVERRIDES)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         ref = _generate(_randomize(build_dit(cfg.model).eval()), cfg)
-    finally:
-        torch.set_num_threads(before)
     torch.testing.assert_close(torch.load(out_path), ref, atol=1e-4, rtol=1e-4)
 
 
@@ -112,10 +110,6 @@ def test_pipeline_parallel_equals_one_process(tmp_path):
     out_path = tmp_path / "pp.pt"
     mp.start_processes(_pp_worker, args=(2, _free_port(), str(out_path), str(tmp_path / "ckpt")), nprocs=2,
                        join=True, start_method="fork")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         ref = _generate(model, cfg)
-    finally:
-        torch.set_num_threads(before)
     torch.testing.assert_close(torch.load(out_path), ref)   # float32 defaults: ~1e-6 (bit-exact on CPU)

@@ -13,13 +13,7 @@ from magi_train.model import KVCache, build_dit
 CW, HW = 2, (4, 4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny matrices: one thread is fastest, and several test processes share the CI's cores
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,7 @@ from magi_infer.video_io import (PngDumper, StreamingVideoWriter, count_frames, 
 from magi_train.data.video_codec import read_video, write_video
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ramp(t, h=32, w=48, offset=0):

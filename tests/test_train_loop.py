@@ -31,14 +31,8 @@ from magi_train.training.loop import data_parallel_coords
 TINY = model_preset("tiny")
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small tensors: one thread is as fast, and immune to spin-waiting when the cores are shared
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 def _data(**kw):
     cfg = SyntheticDataConfig(**{"num_samples": 4, "batch_size": 2, "latent_frames": 12, **kw})

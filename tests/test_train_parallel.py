@@ -48,13 +48,17 @@ RESUMES = {
 }
 
 
+def _job_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "WANDB_MODE": "disabled"}
+
+
 def _fits(nproc: int) -> bool:
     """On GPUs each process takes one: a job of more processes than GPUs is skipped (CPU runs them all)."""
     return DEVICE == "cpu" or nproc <= torch.cuda.device_count()
 
 
 def _run(out: Path, name: str, nproc: int, extra: list[str]) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "WANDB_MODE": "disabled"}
+    env = _job_env()
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
     cmd = [sys.executable, *launcher, "-m", "magi_train.train", *COMMON, f"output_dir={out}", f"name={name}", *extra]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
@@ -153,7 +157,7 @@ def test_exports_of_every_layout_load_into_build_dit(runs):
 def test_sigterm_to_torchrun_checkpoints_every_rank_at_one_step(tmp_path):
     """Slurm's preemption path: torchrun passes SIGTERM on; the ranks agree on the step, write one complete
     checkpoint of it and exit 0 (torchrun itself then reports the signal)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "WANDB_MODE": "disabled"}
+    env = _job_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
            "magi_train.train", "experiment=smoke", "train.max_steps=100000", "train.device=cpu", "parallel.tp=2",
            "train.progress_bar=false", "train.checkpoint.every_steps=0", "train.validation.every_steps=0",

@@ -15,12 +15,7 @@ from magi_train.training.config_loading import load_config
 MODEL = ["model.in_channels=8", "model.out_channels=8"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
