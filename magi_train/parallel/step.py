@@ -13,16 +13,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from magi_train.grad_accumulation import Microbatch, accumulate_gradients
+
 from .parallelize import ParallelPlan, plan_of
 from .pipeline import split_model_kwargs
-
-Microbatch = tuple[dict, torch.Tensor, torch.Tensor]
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None or dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _set_grad_sync(model: nn.Module, plan: ParallelPlan | None, enabled: bool):
@@ -32,21 +26,6 @@ def _set_grad_sync(model: nn.Module, plan: ParallelPlan | None, enabled: bool):
     if not enabled and hasattr(model, "no_sync"):
         return model.no_sync()
     return contextlib.nullcontext()
-
-
-def _sequential(model, plan, microbatches, loss_fn, autocast_dtype):
-    device = microbatches[0][1].device
-    total = torch.zeros((), device=device)
-    scale = 1.0 / len(microbatches)
-    for i, (kwargs, target, weight) in enumerate(microbatches):
-        last = i == len(microbatches) - 1
-        with _set_grad_sync(model, plan, last):
-            with _autocast(device, autocast_dtype):
-                v_pred = model(**kwargs)
-            loss = loss_fn(v_pred.float(), target, weight)
-            (loss * scale).backward()
-        total += loss.detach() * scale
-    return total
 
 
 def _pipelined(plan: ParallelPlan, microbatches, loss_fn, autocast_dtype):
@@ -83,7 +62,8 @@ def forward_backward(model: nn.Module, microbatches: Sequence[Microbatch], loss_
     if plan is not None and plan.runner is not None:
         loss = _pipelined(plan, microbatches, loss_fn, autocast_dtype)
     else:
-        loss = _sequential(model, plan, microbatches, loss_fn, autocast_dtype)
+        loss = accumulate_gradients(model, microbatches, loss_fn, autocast_dtype,
+                                    lambda last: _set_grad_sync(model, plan, last))
     if plan is not None:
         plan.grad_sync.finalize()
     return loss

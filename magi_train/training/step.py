@@ -10,20 +10,12 @@ microbatches; the return value is that mean loss, detached."""
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
-Microbatch = tuple[dict, torch.Tensor, torch.Tensor]
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def autocast_context(device: torch.device, dtype: torch.dtype | None):
-    """bf16 autocast where asked (GPU); nothing on fp32 runs."""
-    if dtype is None or dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+from magi_train.grad_accumulation import LossFn, Microbatch, accumulate_gradients, autocast_context
 
 
 def _sync_context(model: nn.Module, last: bool):
@@ -36,19 +28,7 @@ def _sync_context(model: nn.Module, last: bool):
 
 def forward_backward(model: nn.Module, microbatches: Sequence[Microbatch], loss_fn: LossFn, *,
                      autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
-    if not microbatches:
-        raise ValueError("forward_backward: needs at least one microbatch")
-    device = microbatches[0][1].device
-    total = torch.zeros((), device=device)
-    scale = 1.0 / len(microbatches)
-    for i, (kwargs, target, weight) in enumerate(microbatches):
-        with _sync_context(model, last=i == len(microbatches) - 1):
-            with autocast_context(device, autocast_dtype):
-                v_pred = model(**kwargs)
-            loss = loss_fn(v_pred.float(), target, weight)
-            (loss * scale).backward()
-        total += loss.detach() * scale
-    return total
+    return accumulate_gradients(model, microbatches, loss_fn, autocast_dtype, lambda last: _sync_context(model, last))
 
 
 __all__ = ["forward_backward", "autocast_context", "Microbatch", "LossFn"]
