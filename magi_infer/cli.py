@@ -39,7 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict | None:
-    from .distributed import build_parallel_model, needs_parallel, setup_parallel
+    from .distributed import needs_parallel, setup_parallel
+    from .model_build import build_inference_dit
     from .runner import resolve_dtype
 
     cfg = load_infer_config(args.config_file, args.overrides)
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> dict | None:
         rank = env.rank
         if cfg.device == "auto":
             cfg.device = str(env.device)
-        model = build_parallel_model(cfg, env, resolve_dtype(cfg, env.device))
+        model = build_inference_dit(cfg, env, resolve_dtype(cfg, env.device))
     try:
         return _generate(args, cfg, model, rank)
     finally:

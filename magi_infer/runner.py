@@ -17,7 +17,6 @@ from tqdm import tqdm
 
 from magi_train.dtypes import DTYPES
 from magi_train.encoders import TextEncoderConfig, VAEConfig, build_text_encoder, build_vae
-from magi_train.model import build_dit
 
 from .conditioning import Conditioning, chunk_captions, special_tokens_from_env
 from .config import MODES, InferConfig
@@ -40,15 +39,12 @@ def resolve_dtype(cfg: InferConfig, device: torch.device) -> torch.dtype:
 
 
 def build_model(cfg: InferConfig, device: torch.device, dtype: torch.dtype):
-    """The DiT with cfg.load's weights (MAGI-1 directory layout, fp8 included), or random weights without load."""
-    if cfg.load is None:
-        log.warning("load is not set: the DiT has random weights (fine for tests and benchmarks, not for videos)")
-        return build_dit(cfg.model, device=device, dtype=dtype).eval()
-    from magi_train.model.checkpoint_io import load_magi_checkpoint
+    """The DiT of one process with cfg.load's weights (MAGI-1 directory layout, fp8 included), or random weights
+    without load (model_build.py; torchrun layouts get theirs from the cli)."""
+    from .distributed import single_process_env
+    from .model_build import build_inference_dit
 
-    model = build_dit(cfg.model, device="meta", dtype=dtype)
-    load_magi_checkpoint(model, cfg.load, fp8=cfg.fp8_quant, distill=cfg.model.distill)
-    return model.to(device).eval()
+    return build_inference_dit(cfg, single_process_env(device), dtype)
 
 
 def build_encoders(cfg: InferConfig, device: torch.device):

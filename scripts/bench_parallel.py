@@ -39,7 +39,7 @@ def parse_layout(name: str) -> dict:
 
 
 def bench(name: str, args, world: int) -> dict | None:
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from magi_train.parallel.transforms import ModelTransforms
 
     from magi_train.config import model_preset
     from magi_train.config.parallel_config import ParallelConfig
@@ -57,14 +57,7 @@ def bench(name: str, args, world: int) -> dict | None:
     cfg = model_preset("4.5B", num_layers=args.layers, attention_backend=args.attention)
     env = init_parallel(pcfg)
 
-    def prepare(shell):
-        if ac:
-            layers = shell.videodit_blocks.layers
-            for i in range(len(layers)):
-                if hasattr(layers[i], "mlp"):
-                    layers[i] = checkpoint_wrapper(layers[i])
-
-    model = parallelize(cfg, env=env, seed=0, prepare=prepare)
+    model = parallelize(cfg, env=env, seed=0, transforms=ModelTransforms(activation_checkpointing=ac))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=env.device.type == "cuda" and not pcfg.fsdp_cpu_offload)
     g = torch.Generator().manual_seed(1 + env.dp_rank)
     T, H = args.frames, args.size

@@ -41,12 +41,13 @@ def _pp_worker(rank, world, port, out_path, ckpt):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from magi_infer.distributed import build_parallel_model, setup_parallel
+    from magi_infer.distributed import setup_parallel
+    from magi_infer.model_build import build_inference_dit
     from magi_train.parallel.env import destroy_parallel
 
     cfg = load_infer_config("configs/infer/tiny.yaml", OVERRIDES + ["pp_size=2", f"load={ckpt}"])
     env = setup_parallel(cfg)
-    model = build_parallel_model(cfg, env, torch.float32)
+    model = build_inference_dit(cfg, env, torch.float32)
     assert len(list(model.parameters())) < len(list(_randomize_like(cfg).parameters()))   # a stage, not the model
     out = _generate(model, cfg)
     if rank == 0:
@@ -64,12 +65,13 @@ def _worker(rank, world, port, out_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from magi_infer.distributed import build_parallel_model, setup_parallel
+    from magi_infer.distributed import setup_parallel
+    from magi_infer.model_build import build_inference_dit
     from magi_train.parallel.env import destroy_parallel
 
     cfg = load_infer_config("configs/infer/tiny.yaml", OVERRIDES + ["cp_size=2"])
     env = setup_parallel(cfg)
-    model = _randomize(build_parallel_model(cfg, env, torch.float32))
+    model = _randomize(build_inference_dit(cfg, env, torch.float32))
     assert model.context_parallel is not None
     out = _generate(model, cfg)
     if rank == 0:

@@ -20,10 +20,23 @@ def test_unknown_fp8_mode_is_named():
 
 @pytest.mark.skipif(HAS_TE, reason="checks the error raised without Transformer Engine")
 def test_te_spec_without_te_says_how_to_install():
-    from magi_train.model.spec import build_spec
+    from magi_train.config import ParallelConfig
+    from magi_train.parallel import parallelize
+    from magi_train.parallel.env import ParallelEnv
 
-    with pytest.raises(RuntimeError, match="Transformer Engine"):
-        build_spec("te")
+    with pytest.raises(RuntimeError, match="model.layer_spec='te' needs Transformer Engine"):
+        parallelize(model_preset("tiny", layer_spec="te"), env=ParallelEnv(pcfg=ParallelConfig(dp=1)))
+
+
+def test_local_layer_spec_refuses_tensor_parallel():
+    from magi_train.config import ConfigError, ParallelConfig
+    from magi_train.parallel.env import ParallelEnv
+    from magi_train.parallel.parallelize import build_layer_spec
+
+    env = ParallelEnv(pcfg=ParallelConfig(tp=2, dp=1), tp=2)
+    with pytest.raises(ConfigError, match="model.layer_spec: 'local' linears are not tensor parallel"):
+        build_layer_spec(model_preset("tiny", layer_spec="local"), env, False, torch.float32)
+    assert build_layer_spec(model_preset("tiny"), ParallelEnv(pcfg=ParallelConfig(dp=1)), False, torch.float32) is None
 
 
 def test_torchao_filter_keeps_fp32_islands():

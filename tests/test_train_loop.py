@@ -16,17 +16,18 @@ from magi_train.training import (
     CheckpointManager,
     SyntheticBatches,
     Trainer,
-    apply_freezing,
     build_lr_scheduler,
     build_optimizer,
-    export_state_dict,
-    forward_backward,
     forward_flops,
     lr_factor,
     read_metrics,
 )
+from magi_train.parallel import forward_backward
 from magi_train.training.config_loading import load_config
+from magi_train.training.freeze import freezing_counts
 from magi_train.training.loop import data_parallel_coords
+from magi_train.parallel.transforms import apply_transforms
+from magi_train.training.runtime import model_transforms
 
 TINY = model_preset("tiny")
 
@@ -104,9 +105,18 @@ def test_ema_follows_weights_with_decay():
     assert EMA(model, 0.999, warmup=True).current_decay() == pytest.approx(0.1)
 
 
+def _freeze(model, trainable, frozen):
+    """The training path's freezing: counts checked on names, requires_grad set in parallelize's hook."""
+    from magi_train.config import TrainConfig
+
+    counts = freezing_counts({n: p.numel() for n, p in model.named_parameters()}, trainable, frozen)
+    apply_transforms(model, model_transforms(TrainConfig(trainable=trainable, frozen=frozen)))
+    return counts
+
+
 def test_freezing_by_pattern_trains_only_matching_parameters():
     model = build_dit(TINY)
-    n_train, n_total = apply_freezing(model, ["videodit_blocks.layers.1.*"], ["*.mlp.*"])
+    n_train, n_total = _freeze(model, ["videodit_blocks.layers.1.*"], ["*.mlp.*"])
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert names and all(n.startswith("videodit_blocks.layers.1.") and ".mlp." not in n for n in names)
     assert n_train == sum(p.numel() for p in model.parameters() if p.requires_grad) < n_total
@@ -119,7 +129,7 @@ def test_freezing_by_pattern_trains_only_matching_parameters():
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]) != (n in names), n
     with pytest.raises(ValueError, match="train.frozen"):
-        apply_freezing(model, [], ["no_such_layer*"])
+        _freeze(model, [], ["no_such_layer*"])
 
 
 @pytest.mark.parametrize("gated", [False, True])
@@ -139,15 +149,19 @@ def test_flop_count_matches_torch_flop_counter(gated):
 
 
 def test_ema_export_loads_back_as_magi_checkpoint(tmp_path):
-    from magi_train.model.checkpoint_io import load_magi_checkpoint, save_magi_checkpoint
-    model = build_dit(TINY)
+    from magi_train.config import ParallelConfig
+    from magi_train.model.checkpoint_io import load_magi_checkpoint
+    from magi_train.parallel import parallelize
+    from magi_train.parallel.checkpoint import export_magi
+    from magi_train.parallel.env import ParallelEnv
+
+    model = parallelize(TINY, env=ParallelEnv(pcfg=ParallelConfig(dp=1)), full_state=build_dit(TINY).state_dict())
     ema = EMA(model, 0.5, warmup=False)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
     ema.update()
-    state = export_state_dict(model, ema)
-    save_magi_checkpoint(state, tmp_path / "export", dtype=torch.float32)
+    export_magi(model, tmp_path / "export", torch.float32, tensors=dict(ema.shadow))
     fresh = build_dit(TINY)
     load_magi_checkpoint(fresh, tmp_path / "export")
     for n, p in fresh.named_parameters():
@@ -219,29 +233,40 @@ def test_whole_loop_logs_validates_checkpoints_and_exports(tmp_path, monkeypatch
 
 
 def test_activation_checkpointing_keeps_gradients_and_names():
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
     from magi_train.config import TrainConfig
-    from magi_train.training import wrap_model
     torch.manual_seed(0)
     plain = build_dit(TINY)
     torch.nn.init.normal_(plain.final_linear.linear.weight, std=0.02)
     wrapped = build_dit(TINY)
     wrapped.load_state_dict(plain.state_dict())
-    wrapped = wrap_model(wrapped, TrainConfig(activation_checkpointing=True))
-    assert any("_checkpoint_wrapped_module" in n for n, _ in wrapped.named_parameters())
-    assert set(get_model_state_dict(wrapped)) == set(plain.state_dict())
+    apply_transforms(wrapped, model_transforms(TrainConfig(activation_checkpointing=True)))
+    assert set(wrapped.state_dict()) == set(plain.state_dict())
     micro = [_microbatch(next(_data()))]
     for m in (plain, wrapped):
         forward_backward(m, micro, FlowMatchingLoss())
-    grads = {n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in wrapped.named_parameters()}
+    grads = {n: p.grad for n, p in wrapped.named_parameters()}
     for n, p in plain.named_parameters():
         assert torch.allclose(p.grad, grads[n], atol=1e-6), n
 
 
+def test_activation_checkpointing_saves_fewer_activations():
+    from magi_train.config import TrainConfig
+
+    def saved_count(model):
+        saved = []
+        kwargs, _, _ = _microbatch(next(_data()))
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            model(**kwargs).sum()
+        return sum(saved)
+
+    plain, recomputed = build_dit(TINY), build_dit(TINY)
+    apply_transforms(recomputed, model_transforms(TrainConfig(activation_checkpointing=True)))
+    assert saved_count(recomputed) < 0.5 * saved_count(plain)
+
+
 def test_finetune_doc_pattern_selects_the_last_ten_blocks_of_4_5B():
     model = build_dit(model_preset("4.5B"), device="meta")
-    apply_freezing(model, ["videodit_blocks.layers.2[4-9].*", "videodit_blocks.layers.3[0-3].*"], [])
+    _freeze(model, ["videodit_blocks.layers.2[4-9].*", "videodit_blocks.layers.3[0-3].*"], [])
     layers = {int(n.split(".")[2]) for n, p in model.named_parameters() if p.requires_grad}
     assert layers == set(range(24, 34))
 

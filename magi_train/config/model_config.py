@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields, replace
 from magi_train.errors import ConfigError, check, check_choice
 
 ATTENTION_BACKENDS = ("reference", "sdpa_chunked", "flex", "flash_attn")
-LAYER_SPECS = ("local", "megatron", "te")
+LAYER_SPECS = ("auto", "local", "megatron", "te")
 
 
 @dataclass
@@ -39,7 +39,7 @@ class ModelConfig:
     rope_reference_tokens: int = 16    # spatial RoPE positions are rescaled to this square token grid
     # --- implementation choices (not part of the checkpoint) ---
     attention_backend: str = "reference"
-    layer_spec: str = "local"
+    layer_spec: str = "auto"           # auto: megatron linears when parallel.tp > 1, else local; te: Transformer Engine
     params_dtype: str = "float32"      # float32 | bfloat16
 
     def __post_init__(self) -> None:

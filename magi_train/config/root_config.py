@@ -17,8 +17,8 @@ from typing import Any, Optional, Union
 from magi_train.data.config import DataConfig
 from magi_train.encoders.config import TextEncoderConfig, VAEConfig
 
-from magi_train.errors import ConfigError, check
-from .model_config import ModelConfig
+from magi_train.errors import ConfigError, check, check_choice
+from .model_config import PRESETS, ModelConfig
 from .parallel_config import ParallelConfig
 from .train_config import TrainConfig
 
@@ -186,9 +186,20 @@ def build_dataclass(cls, values: dict, prefix: str = ""):
     return cls(**kwargs)
 
 
+def preset_values(model: dict) -> dict:
+    """{'preset': NAME, **keys} -> the named size's fields (model_config.PRESETS, the one registry of sizes) with
+    the given keys on top."""
+    model = dict(model)
+    name = model.pop("preset")
+    check_choice(name, "model.preset", tuple(PRESETS))
+    return {**PRESETS[name], **model}
+
+
 def build_config(values: dict) -> MagiConfig:
     """Plain dict (hydra's composition, as a container) -> MagiConfig; raises ConfigError naming the key."""
     values = dict(values)
+    if isinstance(values.get("model"), dict) and "preset" in values["model"]:
+        values["model"] = preset_values(values["model"])
     data = values.pop("data", None)
     cfg_values = {k: v for k, v in values.items()}
     root = build_dataclass(MagiConfig, cfg_values)

@@ -162,6 +162,7 @@ class ValidationConfig:
 @dataclass
 class TrainConfig:
     seed: int = 1234
+    objective: str = "flow_matching"      # what a step trains: a name of magi_train.objectives.OBJECTIVES
     max_steps: int = 1000                 # optimizer steps
     grad_accum_steps: int = 1             # microbatches per optimizer step (each one data.batch_size samples)
     grad_clip: float = 1.0                # max global grad norm; 0 = no clipping (the norm is still logged)
@@ -186,6 +187,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         p = "train"
         _int(self.seed, f"{p}.seed", 0)
+        from magi_train.objectives import OBJECTIVES   # late: the objectives import the diffusion code
+
+        check_choice(self.objective, f"{p}.objective", tuple(OBJECTIVES))
         _int(self.max_steps, f"{p}.max_steps")
         _int(self.grad_accum_steps, f"{p}.grad_accum_steps")
         check(self.grad_clip >= 0, f"{p}.grad_clip", f"must be >= 0, got {self.grad_clip}")

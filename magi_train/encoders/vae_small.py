@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .atomic import staged_directory
+from magi_train.staging import staged_directory
 from .vae_base import TilingOptions, VideoVAE
 
 CONFIG_FILE = "config.json"

@@ -3,4 +3,4 @@ from .attention import caption_cross_attention, chunk_causal_attention
 from .chunk_layout import ChunkLayout
 from .dit import MagiDiT, build_dit, count_parameters
 from .kv_cache import KVCache
-from .spec import LayerSpec, LocalSpec, build_spec
+from .spec import LayerSpec, LocalSpec

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,6 +15,8 @@ from einops import rearrange
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from magi_train.staging import staged_directory
 
 MAGI_PROJ_GROUPS = 8  # the release's linear_proj was laid out for 8 tensor-parallel shards
 _PROJ = re.compile(r"videodit_blocks\.layers\.\d+\.self_attention\.linear_proj\.weight$")
@@ -103,11 +103,8 @@ def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, 
 
 def write_safetensors(state: dict[str, torch.Tensor], out_dir: str | os.PathLike,
                       max_shard_bytes: int | None = None, metadata: dict | None = None) -> Path:
-    """Write model.safetensors (or shards + index) into out_dir atomically: a temp dir renamed when complete."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    """Write model.safetensors (or shards + index) into out_dir, whole or not at all (magi_train.staging)."""
+    with staged_directory(out_dir) as tmp:
         state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         meta = {"format": "pt", **(metadata or {})}
         if max_shard_bytes is None:
@@ -129,17 +126,7 @@ def write_safetensors(state: dict[str, torch.Tensor], out_dir: str | os.PathLike
             total = sum(v.numel() * v.element_size() for v in state.values())
             (tmp / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-        if out.exists():
-            old = out.with_name(out.name + ".old")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)
 
 
 # ----------------------------------------------------------------------------- model <-> checkpoint

@@ -119,7 +119,7 @@ class MagiDiT(nn.Module):
             frames_before = chunk_offset * (cfg.chunk_width // cfg.t_patch_size)
             cos, sin = self.rope(frames_before, tf, h, w, device)
         if layout is None:
-            cached = kv_cache.chunks(self.videodit_blocks.layers[0].layer_number) if kv_cache is not None else ()
+            cached = kv_cache.chunks(self.held_layers()[0].layer_number) if kv_cache is not None else ()
             layout = ChunkLayout.causal(n, tokens_per_chunk, chunk_offset, cached, lookback)
         token_chunk = torch.arange(n, device=device).repeat_interleave(tokens_per_chunk)
         ctx = BlockContext(cond=cond, token_chunk=token_chunk, rope_cos=cos, rope_sin=sin, caption=cap,
@@ -151,21 +151,43 @@ class MagiDiT(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x, t, caption, caption_mask=None, caption_dropped=None, dt=None, *, chunk_offset: int = 0,
                 kv_cache: KVCache | None = None, cache_write: bool = False, lookback=None,
-                layout: ChunkLayout | None = None) -> torch.Tensor:
-        ctx, grid = self.build_context(x.shape, t, caption, caption_mask, caption_dropped, dt, chunk_offset=chunk_offset,
+                layout: ChunkLayout | None = None, latent_shape=None) -> torch.Tensor:
+        """x: the latent [B, C, T, H, W]. A pipeline stage's shell (magi_train.parallel) runs this same forward:
+        without x_embedder it takes the previous stage's hidden states as x (latent_shape then gives the latent's
+        shape), placeholders stand for the layers other stages hold, and without final_linear it returns hidden
+        states. Context parallelism (set from outside) shards the tokens after embedding and gathers them back."""
+        first, last = self.x_embedder is not None, self.final_linear is not None
+        shape = x.shape if first else latent_shape
+        if shape is None:
+            raise ValueError("latent_shape: a model without x_embedder (a later pipeline stage) needs the latent's shape")
+        ctx, grid = self.build_context(shape, t, caption, caption_mask, caption_dropped, dt, chunk_offset=chunk_offset,
                                        kv_cache=kv_cache, cache_write=cache_write, lookback=lookback, layout=layout)
-        h = self.embed_tokens(x).to(self.dtype)
-        if self.context_parallel is not None:
-            h, ctx = self.context_parallel.shard(h, ctx)
-        for layer in self.videodit_blocks.layers:
+        seq_len = ctx.layout.q_len
+        cp = self.context_parallel
+        if first:
+            h = self.embed_tokens(x).to(self.dtype)
+            if cp is not None:
+                h, ctx = cp.shard(h, ctx)
+        else:
+            h = x
+            if cp is not None:
+                ctx = cp.shard_context(ctx)
+        for layer in self.held_layers():
             h = layer(h, ctx)
-        if self.context_parallel is not None:
-            h = self.context_parallel.gather(h)
+        if not last:
+            return h.contiguous()
+        if cp is not None:
+            h = cp.gather(h, seq_len)
         return self.head(h, grid)
+
+    def held_layers(self) -> list[TransformerLayer]:
+        """The transformer layers this module holds (all of them, except in a pipeline stage's shell)."""
+        return [m for m in self.videodit_blocks.layers if isinstance(m, TransformerLayer)]
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.videodit_blocks.layers[0].mlp.layer_norm.weight.dtype if len(self.videodit_blocks.layers) else torch.float32
+        layers = self.held_layers()
+        return layers[0].mlp.layer_norm.weight.dtype if layers else torch.float32
 
 
 FP32_MODULE_PREFIXES = ("x_embedder", "t_embedder", "y_embedder", "rope", "final_linear")

@@ -35,17 +35,3 @@ class LocalSpec:
 
     def local_heads(self, heads: int, role: str) -> int:
         return heads
-
-
-def build_spec(name: str, **kwargs) -> LayerSpec:
-    if name == "local":
-        return LocalSpec()
-    if name == "megatron":
-        from magi_train.parallel.megatron_spec import MegatronSpec
-
-        return MegatronSpec(**kwargs)
-    if name == "te":
-        from magi_train.precision.te_spec import TESpec
-
-        return TESpec(**kwargs)
-    raise ValueError(f"model.layer_spec: got {name!r}, accepted values are 'local', 'megatron', 'te'")

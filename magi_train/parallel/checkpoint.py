@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from magi_train.staging import StagedDirectory
 
 from .data_parallel import fsdp_shard_dim
 from .parallelize import ParallelPlan, plan_of
@@ -215,11 +216,10 @@ def export_magi(model: nn.Module, out_dir: str | os.PathLike, dtype: torch.dtype
 
     plan = plan_of(model)
     env = plan.env
-    out = Path(out_dir)
-    tmp = out.with_name(f".{out.name}.tmp-export")
+    staged = StagedDirectory(out_dir)
+    tmp = staged.path
     if env.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        staged.create()
     if env.distributed:
         dist.barrier()
     state = {}
@@ -232,7 +232,8 @@ def export_magi(model: nn.Module, out_dir: str | os.PathLike, dtype: torch.dtype
             t = t.to(dtype)
         state[name] = t.cpu().contiguous()
     writer = env.tp_rank == 0 and env.dp_cp_rank == 0
-    fname = f"model-{env.pp_rank + 1:05d}-of-{env.pp:05d}.safetensors"
+    # one stage: a single model.safetensors; pipeline stages: one shard each, with the release's index file
+    fname = "model.safetensors" if env.pp == 1 else f"model-{env.pp_rank + 1:05d}-of-{env.pp:05d}.safetensors"
     if writer:
         save_file(to_magi_layout(state), str(tmp / fname), metadata={"format": "pt"})
         (tmp / f"{fname}.keys.json").write_text(json.dumps(sorted(state)))
@@ -240,6 +241,9 @@ def export_magi(model: nn.Module, out_dir: str | os.PathLike, dtype: torch.dtype
         dist.barrier()
     if env.rank != 0:
         return None
+    if env.pp == 1:
+        (tmp / f"{fname}.keys.json").unlink()
+        return staged.commit()
     weight_map, total = {}, 0
     for keys_file in sorted(tmp.glob("*.keys.json")):
         shard = keys_file.name[: -len(".keys.json")]
@@ -249,7 +253,4 @@ def export_magi(model: nn.Module, out_dir: str | os.PathLike, dtype: torch.dtype
         total += (tmp / shard).stat().st_size
     (tmp / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    return staged.commit()

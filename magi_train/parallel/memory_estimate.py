@@ -233,12 +233,11 @@ def measure_peak(cfg: ModelConfig, shape: StepShape, *, precision: str = "fp32",
     import contextlib
 
     import torch
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
     from magi_train.model import build_dit
-    from magi_train.training.step import forward_backward
 
     from .memory_tracker import LiveBytes
+    from .recompute import apply_activation_checkpointing
+    from .step import forward_backward
 
     dev = torch.device(device)
     g = torch.Generator().manual_seed(seed)
@@ -258,9 +257,7 @@ def measure_peak(cfg: ModelConfig, shape: StepShape, *, precision: str = "fp32",
     with tracker if tracker is not None else contextlib.nullcontext():
         model = build_dit(cfg, device=dev)
         if activation_checkpointing:
-            layers = model.videodit_blocks.layers
-            for i in range(len(layers)):
-                layers[i] = checkpoint_wrapper(layers[i])
+            apply_activation_checkpointing(model)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=dev.type == "cpu",
                                 fused=dev.type == "cuda")
         autocast = torch.bfloat16 if precision == "bf16" else None

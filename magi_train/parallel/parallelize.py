@@ -1,11 +1,13 @@
-"""parallelize(model_cfg, pcfg, env): build the MagiDiT for this rank's place in the grid.
+"""parallelize(model_cfg, pcfg, env): build the MagiDiT for this rank's place in the grid. The one place where
+layer spec, TP, CP, PP, freezing, recompute, compile, fp8 and sharding are applied, for training (one process
+is the trivial layout) and inference alike (inference passes no transforms and dp=1).
 
 Fixed order, from the outside of the model (the model file holds no parallel code):
-  1. build on the meta device with the Megatron layer spec (TP) when tp > 1
-  2. cut to this rank's pipeline stage(s) (PP)
-  3. install the sequence sharding hook and Ulysses attention cores (CP, sequence parallelism)
+  1. layer spec (model.layer_spec) -> tensor parallel: the blocks built on the meta device with the spec's linears
+  2. context parallel: the sequence sharding hook and Ulysses attention cores (and sequence parallelism)
+  3. pipeline cut: this rank's stage(s) keep their layers, placeholders stand for the others
   4. materialise on the device: seeded init, or this rank's shard of full (tp=1) weights
-  5. `prepare(shell)` hook (activation checkpointing, compile: the training loop's business)
+  5. ModelTransforms, per shell: freezing -> activation checkpointing -> compile -> model converters (fp8)
   6. FSDP2 / DDP over the dp x cp group
 Returns the model (pp=1) or a PipelinedDiT; either carries `.magi_parallel`, the ParallelPlan."""
 from __future__ import annotations
@@ -28,14 +30,8 @@ from .data_parallel import apply_ddp, apply_fsdp
 from .env import ParallelEnv, init_parallel
 from .grads import GradSync
 from .init_weights import materialize
-from .pipeline import (
-    PIPELINE_SHARED_PREFIXES,
-    PipelineRunner,
-    PipelineStageModule,
-    pipeline_forward,
-    split_layers,
-    trim_to_stage,
-)
+from .pipeline import PIPELINE_SHARED_PREFIXES, PipelineRunner, pipeline_forward, split_layers, trim_to_stage
+from .transforms import ModelTransforms, apply_transforms
 from .state_dict_adapter import param_role, shard_state_dict
 
 _QK_NORM = re.compile(r"\.self_attention\.(q|k)_layernorm(_xattn)?\.(weight|bias)$")
@@ -51,7 +47,6 @@ class ParallelPlan:
     num_stages: int
     sharding: SequenceSharding
     grad_sync: GradSync
-    stage_modules: list[PipelineStageModule] = field(default_factory=list)
     runner: PipelineRunner | None = None
     fsdp_roots: list[nn.Module] = field(default_factory=list)
 
@@ -88,7 +83,8 @@ class PipelinedDiT(nn.Module):
         plan: ParallelPlan = self.magi_parallel
         model_kwargs = dict(x=x, t=t, caption=caption, caption_mask=caption_mask, caption_dropped=caption_dropped,
                             dt=dt, **kwargs)
-        return pipeline_forward(plan.stage_modules, plan.env, plan.model_cfg, model_kwargs, plan.sharding.shards)
+        return pipeline_forward(plan.shells, plan.stage_ids, plan.num_stages, plan.env, plan.model_cfg, model_kwargs,
+                                plan.sharding.shards)
 
     @property
     def cfg(self) -> ModelConfig:
@@ -147,12 +143,32 @@ def _grad_sync(env: ParallelEnv, shells: list[MagiDiT], cfg: ModelConfig, pcfg: 
     return sync
 
 
+def build_layer_spec(model_cfg: ModelConfig, env: ParallelEnv, sequence_parallel: bool, dtype: torch.dtype):
+    """model.layer_spec -> the linears the blocks are built with. auto: megatron when tp > 1, else local."""
+    name = model_cfg.layer_spec
+    if name == "auto":
+        name = "megatron" if env.tp > 1 else "local"
+    if name == "local":
+        if env.tp > 1:
+            raise ConfigError(f"model.layer_spec: 'local' linears are not tensor parallel; with parallel.tp={env.tp} "
+                              f"use 'auto', 'megatron' or 'te'")
+        return None
+    if name == "megatron":
+        from .megatron_spec import MegatronSpec
+
+        return MegatronSpec(model_cfg, env.tp_group, env.tp, sequence_parallel=sequence_parallel, params_dtype=dtype)
+    from magi_train.precision.te_spec import TESpec
+
+    return TESpec(env.tp_group, env.tp)
+
+
 def parallelize(model_cfg: ModelConfig, pcfg: ParallelConfig | None = None, env: ParallelEnv | None = None, *,
                 full_state: Mapping[str, torch.Tensor] | Callable[[str], torch.Tensor] | None = None,
-                seed: int = 0, prepare: Callable[[MagiDiT], None] | None = None, mp_policy=None,
+                seed: int = 0, transforms: ModelTransforms | None = None, mp_policy=None,
                 reshard_after_forward: bool = True) -> nn.Module:
     """Build this rank's model. full_state: full tp=1 weights (our layout; a mapping or name -> tensor) to shard
-    into the layout; otherwise a seeded init, identical for any layout's replicated tensors."""
+    into the layout; otherwise a seeded init, identical for any layout's replicated tensors. transforms: what
+    training applies per shell before sharding (None: nothing, as inference wants)."""
     if env is None:
         env = init_parallel(pcfg or ParallelConfig())
     pcfg = env.pcfg
@@ -165,11 +181,7 @@ def parallelize(model_cfg: ModelConfig, pcfg: ParallelConfig | None = None, env:
         raise ConfigError("parallel.fsdp_cpu_offload: offloads GPU parameters to CPU memory, needs CUDA; "
                           "set it false on CPU")
     dtype = DTYPES[model_cfg.params_dtype]
-    spec = None
-    if env.tp > 1:
-        from .megatron_spec import MegatronSpec
-
-        spec = MegatronSpec(model_cfg, env.tp_group, env.tp, sequence_parallel=sp, params_dtype=dtype)
+    spec = build_layer_spec(model_cfg, env, sp, dtype)
     virtual = pcfg.pp_virtual_stages if pcfg.pp_schedule == "interleaved_1f1b" else 1
     num_stages = env.pp * virtual
     stage_ids = [env.pp_rank + k * env.pp for k in range(virtual)]
@@ -178,39 +190,34 @@ def parallelize(model_cfg: ModelConfig, pcfg: ParallelConfig | None = None, env:
     shells, sharding = [], None
     for s in stage_ids:
         shell = build_dit(model_cfg, spec, device="meta", dtype=dtype)
+        sharding = apply_context_parallel(shell, env.cp_group, env.tp_group if sp else None, sp)
         if num_stages > 1:
             trim_to_stage(shell, ranges[s], first=s == 0, last=s == num_stages - 1)
-        sharding = apply_context_parallel(shell, env.cp_group, env.tp_group if sp else None, sp)
         materialize(shell, env.device, seed=seed, tp_rank=env.tp_rank)
         if full_state is not None:
             keys = list(shell.state_dict().keys())
             shell.load_state_dict(shard_state_dict(full_state, keys, model_cfg, env.tp, env.tp_rank), strict=True)
-        if prepare is not None:
-            prepare(shell)
+        if transforms is not None:
+            apply_transforms(shell, transforms)
         shells.append(shell)
 
     plan = ParallelPlan(env=env, model_cfg=model_cfg, shells=shells, stage_ids=stage_ids, num_stages=num_stages,
                         sharding=sharding, grad_sync=None)
     dpcp = env.dp * env.cp
-    if num_stages > 1:
-        units = [PipelineStageModule(sh, s, num_stages, ranges[s], sharding) for sh, s in zip(shells, stage_ids)]
-    else:
-        units = [shells[0]]
     wrapped = []
-    for unit, shell in zip(units, shells):
+    for shell in shells:
+        unit = shell
         if dpcp > 1 and pcfg.dp_mode == "fsdp":
-            layers = [m for m in shell.videodit_blocks.layers if hasattr(m, "mlp")]
-            unit = apply_fsdp(unit, layers, env, model_cfg, cpu_offload=pcfg.fsdp_cpu_offload, mp_policy=mp_policy,
-                              reshard_after_forward=reshard_after_forward)
+            unit = apply_fsdp(shell, shell.held_layers(), env, model_cfg, cpu_offload=pcfg.fsdp_cpu_offload,
+                              mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
             plan.fsdp_roots.append(unit)
         elif dpcp > 1 and pcfg.dp_mode == "ddp":
-            unit = apply_ddp(unit, env)
+            unit = apply_ddp(shell, env)
         wrapped.append(unit)
     # after wrapping: FSDP2 swaps every parameter for a sharded DTensor parameter
     plan.grad_sync = _grad_sync(env, shells, model_cfg, pcfg)
     if num_stages > 1:
-        plan.stage_modules = units
-        plan.runner = PipelineRunner(wrapped, units, env, model_cfg, pcfg.pp_schedule)
+        plan.runner = PipelineRunner(wrapped, shells, stage_ids, num_stages, env, model_cfg, pcfg.pp_schedule)
         model = PipelinedDiT(wrapped)
     else:
         model = wrapped[0]

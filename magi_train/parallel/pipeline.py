@@ -1,14 +1,14 @@
 """Pipeline parallelism: the DiT cut at block boundaries into stages run by torch.distributed.pipelining.
 
 Each stage is a "shell" of the MagiDiT: the same module tree with the layers of other stages replaced by
-empty placeholders (so parameter names stay MAGI-1's) and the embedding / final layer only where they run.
-Every stage rebuilds the cheap per-forward context (timestep and caption embeddings, RoPE, chunk layout)
-from the microbatch's inputs, which pipelining passes to every stage as keyword arguments; only the hidden
-states travel between stages. The embedders therefore live on every stage and their gradients are summed
-over the pipeline (finalize_grads)."""
+pass-through placeholders (so parameter names stay MAGI-1's) and the patch embedding / final layer only where
+they run. A stage runs MagiDiT.forward itself, which skips what the shell does not hold (as torchtitan's
+Transformer.forward does). Every stage rebuilds the cheap per-forward context (timestep and caption embeddings,
+RoPE, chunk layout) from the microbatch's inputs, which pipelining passes to every stage as keyword arguments;
+only the hidden states travel between stages. The embedders therefore live on every stage and their gradients
+are summed over the pipeline (finalize_grads). The schedule is driven through pipelining's public `step`."""
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Callable
 
@@ -19,21 +19,18 @@ from torch import nn
 from magi_train.config import ModelConfig
 from magi_train.model.dit import MagiDiT
 
-from .context_parallel import SequenceSharding
 
 # parameters every pipeline stage holds a copy of (gradients summed over the pipeline group)
 PIPELINE_SHARED_PREFIXES = ("t_embedder.", "y_embedder.", "rope.")
 
 
 class AbsentLayer(nn.Module):
-    """Stands for a layer another pipeline stage holds; keeps the global layer numbering."""
+    """Stands for a layer another pipeline stage holds; keeps the global layer numbering (MagiDiT.forward runs
+    only the layers its shell holds)."""
 
     def __init__(self, layer_number: int):
         super().__init__()
         self.layer_number = layer_number
-
-    def forward(self, h, ctx):  # pragma: no cover - never called
-        raise RuntimeError(f"layer {self.layer_number} lives on another pipeline stage")
 
 
 def split_layers(num_layers: int, num_stages: int) -> list[range]:
@@ -65,83 +62,15 @@ def trim_to_stage(model: MagiDiT, layers: range, first: bool, last: bool) -> Mag
     return model
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward hands a contiguous gradient to the point-to-point send of the previous stage."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g.contiguous()
+def is_first_stage(shell: MagiDiT) -> bool:
+    return shell.x_embedder is not None
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None or dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+def is_last_stage(shell: MagiDiT) -> bool:
+    return shell.final_linear is not None
 
 
-class PipelineStageModule(nn.Module):
-    """One pipeline stage: (latent x | hidden h) -> (hidden h | velocity v)."""
-
-    def __init__(self, shell: MagiDiT, stage_index: int, num_stages: int, layers: range,
-                 sharding: SequenceSharding | None):
-        super().__init__()
-        self.shell = shell
-        self.stage_index, self.num_stages = stage_index, num_stages
-        self.layer_ids = list(layers)
-        self.first, self.last = stage_index == 0, stage_index == num_stages - 1
-        self.sharding = sharding if sharding is not None and sharding.shards > 1 else None
-        self.autocast_dtype: torch.dtype | None = None
-
-    @property
-    def block_dtype(self) -> torch.dtype:
-        layer = self.shell.videodit_blocks.layers[self.layer_ids[0]]
-        return layer.mlp.layer_norm.weight.dtype
-
-    def forward(self, inp: torch.Tensor, *, latent_shape, t, caption, caption_mask=None, caption_dropped=None,
-                dt=None, chunk_offset: int = 0, kv_cache=None, cache_write: bool = False, lookback=None,
-                layout=None) -> torch.Tensor:
-        shell = self.shell
-        if kv_cache is not None and layout is None:
-            layout = self._cached_layout(latent_shape, kv_cache, chunk_offset, lookback)
-        with _autocast(inp.device, self.autocast_dtype):
-            ctx, grid = shell.build_context(latent_shape, t, caption, caption_mask, caption_dropped, dt,
-                                            chunk_offset=chunk_offset, kv_cache=kv_cache, cache_write=cache_write,
-                                            lookback=lookback, layout=layout)
-            seq_len = ctx.layout.q_len
-            if self.first:
-                h = shell.embed_tokens(inp).to(self.block_dtype)
-                if self.sharding is not None:
-                    h, ctx = self.sharding.shard(h, ctx)
-            else:
-                h = _ContiguousGrad.apply(inp) if inp.requires_grad else inp
-                if self.sharding is not None:
-                    ctx = self.sharding.shard_context(ctx)
-            for i in self.layer_ids:
-                h = shell.videodit_blocks.layers[i](h, ctx)
-            if not self.last:
-                return h.contiguous()
-            if self.sharding is not None:
-                h = self.sharding.gather(h, seq_len)
-            return shell.head(h, grid)
-
-
-    def _cached_layout(self, latent_shape, kv_cache, chunk_offset, lookback):
-        # build_context asks the cache about layer 0, which only the first stage holds: ask about our own layer
-        from magi_train.model.chunk_layout import ChunkLayout
-
-        cfg = self.shell.cfg
-        _, _, T, H, W = latent_shape
-        n = T // cfg.chunk_width
-        per_chunk = (cfg.chunk_width // cfg.t_patch_size) * (H // cfg.patch_size) * (W // cfg.patch_size)
-        cached = kv_cache.chunks(self.layer_ids[0])
-        return ChunkLayout.causal(n, per_chunk, chunk_offset, cached, lookback)
-
-
-def stage_shapes(cfg: ModelConfig, latent_shape, shards: int, block_dtype: torch.dtype):
+def stage_shapes(cfg: ModelConfig, latent_shape, shards: int):
     """(hidden state shape between stages, output velocity shape) for a microbatch of latent_shape."""
     B, _, T, H, W = latent_shape
     S = (T // cfg.t_patch_size) * (H // cfg.patch_size) * (W // cfg.patch_size)
@@ -156,27 +85,40 @@ def stage_rank(stage: int, pp: int) -> int:
 
 
 def split_model_kwargs(kwargs: dict) -> tuple[torch.Tensor, dict]:
+    """MagiDiT kwargs -> (latent x, the kwargs every stage gets: latent_shape instead of x)."""
     kwargs = dict(kwargs)
     x = kwargs.pop("x")
     kwargs["latent_shape"] = tuple(x.shape)
     return x, kwargs
 
 
+def pack_target(target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """pipelining hands the loss one target tensor per microbatch: the velocity target and the per-chunk loss
+    weight travel together, [B, target numel / B + n]."""
+    B = target.shape[0]
+    return torch.cat([target.reshape(B, -1), weight.to(target.dtype).reshape(B, -1)], dim=1)
+
+
+def unpack_target(packed: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n = output[0].numel()
+    return packed[:, :n].reshape(output.shape), packed[:, n:]
+
+
 class PipelineRunner:
     """Builds (and caches per microbatch shape) the torch.distributed.pipelining stages and schedule."""
 
-    def __init__(self, submods: list[nn.Module], stages: list[PipelineStageModule], env, cfg: ModelConfig,
-                 schedule: str):
-        self.submods = submods              # what pipelining runs (FSDP/DDP-wrapped stage modules)
-        self.stage_modules = stages         # the stage modules themselves (metadata)
+    def __init__(self, submods: list[nn.Module], shells: list[MagiDiT], stage_ids: list[int], num_stages: int,
+                 env, cfg: ModelConfig, schedule: str):
+        self.submods = submods              # what pipelining runs (the shells, FSDP/DDP-wrapped)
+        self.shells, self.stage_ids, self.num_stages = shells, stage_ids, num_stages
         self.env = env
         self.cfg = cfg
         self.schedule_name = schedule
         self._cache: dict = {}
         self.loss_fn: Callable | None = None
 
-    def _loss(self, output, target):
-        return self.loss_fn(output, target)
+    def _loss(self, output, packed_target):
+        return self.loss_fn(output, *unpack_target(packed_target, output))
 
     def schedule(self, x_mb: torch.Tensor, n_microbatches: int, shards: int):
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
@@ -185,16 +127,16 @@ class PipelineRunner:
         if key in self._cache:
             return self._cache[key]
         env, device = self.env, self.env.device
-        hidden, out = stage_shapes(self.cfg, x_mb.shape, shards, self.stage_modules[0].block_dtype)
+        hidden, out = stage_shapes(self.cfg, x_mb.shape, shards)
         pstages = []
-        for sub, m in zip(self.submods, self.stage_modules):
+        for sub, shell, s in zip(self.submods, self.shells, self.stage_ids):
             # requires_grad on hidden states tells the stage to send/receive their gradients
-            inp = torch.empty(x_mb.shape, dtype=x_mb.dtype, device="meta") if m.first else \
-                torch.empty(hidden, dtype=m.block_dtype, device="meta", requires_grad=True)
-            outp = torch.empty(out, dtype=torch.float32, device="meta", requires_grad=True) if m.last else \
-                torch.empty(hidden, dtype=m.block_dtype, device="meta", requires_grad=True)
-            pstages.append(PipelineStage(sub, m.stage_index, m.num_stages, device, input_args=(inp,),
-                                         output_args=(outp,), group=env.pp_group))
+            inp = torch.empty(x_mb.shape, dtype=x_mb.dtype, device="meta") if is_first_stage(shell) else \
+                torch.empty(hidden, dtype=shell.dtype, device="meta", requires_grad=True)
+            outp = torch.empty(out, dtype=torch.float32, device="meta", requires_grad=True) if is_last_stage(shell) \
+                else torch.empty(hidden, dtype=shell.dtype, device="meta", requires_grad=True)
+            pstages.append(PipelineStage(sub, s, self.num_stages, device, input_args=(inp,), output_args=(outp,),
+                                         group=env.pp_group))
         if self.schedule_name == "interleaved_1f1b":
             sched = ScheduleInterleaved1F1B(pstages, n_microbatches, loss_fn=self._loss, scale_grads=False)
         elif self.schedule_name == "gpipe":
@@ -206,23 +148,21 @@ class PipelineRunner:
 
 
 @torch.no_grad()
-def pipeline_forward(stages: list[PipelineStageModule], env, cfg: ModelConfig, model_kwargs: dict,
-                     shards: int, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+def pipeline_forward(shells: list[MagiDiT], stage_ids: list[int], num_stages: int, env, cfg: ModelConfig,
+                     model_kwargs: dict, shards: int) -> torch.Tensor:
     """One forward (inference) through all stages with plain point-to-point sends; every rank returns v."""
     x, kwargs = split_model_kwargs(model_kwargs)
-    num_stages = stages[0].num_stages
     pp = env.pp
-    mine = {m.stage_index: m for m in stages}
-    hidden, out_shape = stage_shapes(cfg, x.shape, shards, stages[0].block_dtype)
+    mine = dict(zip(stage_ids, shells))
+    hidden, out_shape = stage_shapes(cfg, x.shape, shards)
     h = None
     for s in range(num_stages):
         if s in mine:
-            m = mine[s]
-            m.autocast_dtype = autocast_dtype
+            shell = mine[s]
             if s > 0 and env.pp_ranks[stage_rank(s - 1, pp)] != env.rank:
-                h = torch.empty(hidden, dtype=m.block_dtype, device=env.device)
+                h = torch.empty(hidden, dtype=shell.dtype, device=env.device)
                 dist.recv(h, src=env.pp_ranks[stage_rank(s - 1, pp)], group=env.pp_group)
-            h = m(x if s == 0 else h, **kwargs)
+            h = shell(x if s == 0 else h, **kwargs)
             if s < num_stages - 1 and env.pp_ranks[stage_rank(s + 1, pp)] != env.rank:
                 dist.send(h.contiguous(), dst=env.pp_ranks[stage_rank(s + 1, pp)], group=env.pp_group)
     last_owner = env.pp_ranks[stage_rank(num_stages - 1, pp)]

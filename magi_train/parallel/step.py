@@ -6,17 +6,16 @@ microbatches; the return value is that mean (the same on every rank of one model
 from __future__ import annotations
 
 import contextlib
-import inspect
 from typing import Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from magi_train.grad_accumulation import Microbatch, accumulate_gradients
+from magi_train.grad_accumulation import Microbatch, accumulate_gradients, autocast_context
 
 from .parallelize import ParallelPlan, plan_of
-from .pipeline import split_model_kwargs
+from .pipeline import pack_target, split_model_kwargs
 
 
 def _set_grad_sync(model: nn.Module, plan: ParallelPlan | None, enabled: bool):
@@ -29,23 +28,24 @@ def _set_grad_sync(model: nn.Module, plan: ParallelPlan | None, enabled: bool):
 
 
 def _pipelined(plan: ParallelPlan, microbatches, loss_fn, autocast_dtype):
+    """One step of the configured schedule through pipelining's public `step`: the microbatches are stacked
+    along the batch and split back by the schedule (equal batch sizes keep them exactly as prepared)."""
     env = plan.env
     n = len(microbatches)
+    sizes = {kw["x"].shape[0] for kw, _, _ in microbatches}
+    if len(sizes) != 1:
+        raise ValueError(f"parallel.pp: pipeline microbatches need one batch size, got {sorted(sizes)}")
     scale = 1.0 / n
     runner = plan.runner
-    runner.loss_fn = lambda out, tgt: loss_fn(out.float(), tgt[0], tgt[1]) * scale
+    weight_shape = microbatches[0][2].shape   # packed as [B, -1] with the target: restore its own shape
+    runner.loss_fn = lambda out, target, weight: loss_fn(out.float(), target, weight.reshape(weight_shape)) * scale
     xs, kws = zip(*(split_model_kwargs(kw) for kw, _, _ in microbatches))
     sched = runner.schedule(xs[0], n, plan.sharding.shards)
-    for m in plan.stage_modules:
-        m.autocast_dtype = autocast_dtype
-    stages = getattr(sched, "_stages", None) or [sched._stage]
-    for st in stages:
-        st.has_backward = True
-        st.clear_runtime_states()
+    stacked = {k: torch.cat([kw[k] for kw in kws]) if torch.is_tensor(kws[0][k]) else kws[0][k] for k in kws[0]}
+    target = torch.cat([pack_target(t, w) for _, t, w in microbatches])
     losses: list[torch.Tensor] = []
-    extra = {"return_outputs": False} if "return_outputs" in inspect.signature(sched._step_microbatches).parameters \
-        else {}
-    sched._step_microbatches([(x,) for x in xs], list(kws), [(t, w) for _, t, w in microbatches], losses, **extra)
+    with autocast_context(env.device, autocast_dtype):
+        sched.step(torch.cat(xs), target=target, losses=losses, return_outputs=False, **stacked)
     last_owner = env.pp_ranks[(plan.num_stages - 1) % env.pp]
     total = torch.stack([x.detach().float() for x in losses]).sum() if losses else \
         torch.zeros((), device=env.device)

@@ -14,7 +14,6 @@ import os
 import pickle
 import random
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner
+
+from magi_train.staging import StagedDirectory, discard, remove_leftovers
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -37,17 +38,6 @@ def _is_rank0() -> bool:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def rng_state() -> dict:
@@ -100,44 +90,31 @@ class CheckpointManager:
 
     def clean_leftovers(self) -> None:
         """Remove temporaries of an interrupted save or delete (rank 0)."""
-        if _is_rank0() and self.directory.is_dir():
-            for p in self.directory.iterdir():
-                if p.name.startswith((".tmp-", ".trash-")):
-                    shutil.rmtree(p, ignore_errors=True)
+        if _is_rank0():
+            remove_leftovers(self.directory)
         _barrier()
 
     # --- save ---
     def save(self, step: int, state: dict, before_rename=None) -> Path:
         """Write `state` for `step`; returns the final directory. before_rename(tmp_dir) runs after the data is
         written and before it becomes visible (a fault-injection point for tests)."""
-        final = self.directory / step_dir_name(step)
-        tmp = self.directory / f".tmp-{step_dir_name(step)}"
+        staged = StagedDirectory(self.directory / step_dir_name(step))
         if _is_rank0():
-            self.directory.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
+            staged.create()
         _barrier()
-        dcp.save(state, checkpoint_id=str(tmp))   # its file writer fsyncs every file it writes
+        dcp.save(state, checkpoint_id=str(staged.path))
         _barrier()
         if _is_rank0():
             if before_rename is not None:
-                before_rename(tmp)
-            if final.exists():   # re-saving a step (e.g. end of run right after a periodic save)
-                self._discard(final)
-            os.rename(tmp, final)
-            _fsync_dir(self.directory)
+                before_rename(staged.path)
+            staged.commit()   # re-saving a step (end of run right after a periodic save) replaces it whole
             self._prune()
         _barrier()
-        return final
-
-    def _discard(self, path: Path) -> None:
-        trash = path.with_name(f".trash-{path.name}")
-        shutil.rmtree(trash, ignore_errors=True)
-        os.rename(path, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        return staged.target
 
     def _prune(self) -> None:
         for step in self.complete_steps()[:-self.keep_last]:
-            self._discard(self.directory / step_dir_name(step))
+            discard(self.directory / step_dir_name(step))
 
     # --- load ---
     @staticmethod

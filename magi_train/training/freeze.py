@@ -3,10 +3,6 @@ from __future__ import annotations
 
 from fnmatch import fnmatchcase
 
-from torch import nn
-
-from .ema import clean_name
-
 
 def is_trainable(name: str, trainable: list[str], frozen: list[str]) -> bool:
     """Matches a `trainable` pattern (or there are none) and no `frozen` pattern."""
@@ -32,14 +28,4 @@ def freezing_counts(sizes: dict[str, int], trainable: list[str], frozen: list[st
     return sum(counts), sum(sizes.values())
 
 
-def apply_freezing(model: nn.Module, trainable: list[str], frozen: list[str]) -> tuple[int, int]:
-    """requires_grad = (name matches a `trainable` pattern, or there are none) and matches no `frozen` pattern.
-    Returns (trainable, total) parameter counts. A pattern that matches nothing is an error (likely a typo)."""
-    names = {clean_name(n): p for n, p in model.named_parameters()}
-    counts = freezing_counts({n: p.numel() for n, p in names.items()}, trainable, frozen)
-    for n, p in names.items():
-        p.requires_grad_(is_trainable(n, trainable, frozen))
-    return counts
-
-
-__all__ = ["apply_freezing", "is_trainable", "check_patterns", "freezing_counts"]
+__all__ = ["is_trainable", "check_patterns", "freezing_counts"]

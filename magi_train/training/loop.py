@@ -6,11 +6,12 @@
 Step numbers count completed optimizer steps: checkpoint step_00000100 holds the state after 100 updates, and
 the metrics line of step 100 describes the update that made it.
 
-Several processes (torchrun) or tp/cp/pp > 1: magi_train.parallel builds this rank's part of the model and runs
-its forward/backward (parallel_runtime.py); the loop then reduces what it reports over the job (loss over the
-data-parallel ranks, the global gradient norm) and saves layout-independent checkpoints
-(layout_checkpoint.py). Microbatches are numbered as one process would number them (data and noise), so a
-layout trains the same model on the same samples as one process with the same global batch:
+One path for every layout, one process included (the trivial layout): runtime.py builds this rank's part of the
+model through magi_train.parallel.parallelize, magi_train.parallel.forward_backward runs its forward/backward,
+and the loop reduces what it reports over the job (loss over the data-parallel ranks, the global gradient norm)
+and saves layout-independent checkpoints (layout_checkpoint.py). What a step trains is the objective
+(magi_train.objectives, `train.objective`). Microbatches are numbered as one process would number them (data and
+noise), so a layout trains the same model on the same samples as one process with the same global batch:
 data-parallel size x microbatches per rank x data.batch_size."""
 from __future__ import annotations
 
@@ -24,26 +25,25 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from magi_train.config import ConfigError
 from magi_train.config import MagiConfig, validate_config
 from magi_train.data.config import DataConfig
-from magi_train.diffusion import FlowMatchingLoss, TBinStats, prepare_inputs
+from magi_train.diffusion import TBinStats
+from magi_train.objectives import build_objective
+from magi_train.parallel import forward_backward
 
-from .build import autocast_dtype, build_model, build_train_loader, build_validation_batches, resolve_device, wrap_model
+from .build import autocast_dtype, build_train_loader, build_validation_batches, resolve_device
 from .checkpoint import CheckpointManager, pack_rank_state, rank_key, rng_state, set_rng_state, unpack_rank_state
-from .ema import EMA, clean_name
-from .export import export_magi
+from .ema import EMA
 from .flops import peak_flops_per_second, train_flops
-from .freeze import apply_freezing
-from .layout_checkpoint import FORMAT, data_key, has_entry, is_layout_independent, saved_keys
+from .layout_checkpoint import (FORMAT, data_key, has_entry, is_layout_independent, load_one_process_checkpoint,
+                                restore_lr, saved_keys, tensor_state)
 from .metrics import MetricsLogger, peak_memory_gib
 from .optim import build_lr_scheduler, build_optimizer
 from .preemption import PreemptionFlag
-from .parallel_runtime import ParallelRuntime, data_parallel_coords
+from .runtime import TrainingRuntime, data_parallel_coords
 from .seeding import microbatch_generator, seed_everything
-from .step import forward_backward
 from .validation import validate
 
 log = logging.getLogger("magi_train")
@@ -80,14 +80,9 @@ class Trainer:
         self.micro_per_step = self._microbatches_per_step(cfg)
         self.mp_size = cfg.parallel.model_parallel_size
         self.run_dir = Path(cfg.output_dir) / cfg.name
-        self.device = resolve_device(cfg.train, local_rank)
-        self.parallel: ParallelRuntime | None = None
-        if self.world_size > 1 or self.mp_size > 1:
-            self.parallel = ParallelRuntime(cfg, self.device)
-            env = self.parallel.env
-            self.rank, self.dp_rank, self.dp_size, self.device = env.rank, env.dp_rank, env.dp, env.device
-        else:
-            self.dp_rank, self.dp_size = data_parallel_coords(self.rank, self.world_size, cfg.parallel)
+        self.runtime: TrainingRuntime | None = TrainingRuntime(cfg, resolve_device(cfg.train, local_rank))
+        env = self.runtime.env
+        self.rank, self.dp_rank, self.dp_size, self.device = env.rank, env.dp_rank, env.dp, env.device
         self.amp_dtype = autocast_dtype(cfg.train, self.device)
         seed_everything(cfg.train.seed + self.rank)
 
@@ -95,15 +90,11 @@ class Trainer:
         resume_from = self._resume_path()
         # a resumed run takes every weight from its checkpoint: reading the MAGI-1 release again would be wasted
         init_from = None if resume_from else cfg.train.init_from
-        if self.parallel is not None:
-            self.model = self.parallel.build_model(cfg, init_from)
-            self.num_trainable, self.num_params = self.parallel.num_trainable, self.parallel.num_params
-            seed_everything(cfg.train.seed + self.rank)
-        else:
-            model = build_model(cfg.model, self.device, init_from)
-            self.num_trainable, self.num_params = apply_freezing(model, cfg.train.trainable, cfg.train.frozen)
-            self.model = wrap_model(model, cfg.train)
-        self.optimizer = build_optimizer(self.model, cfg.train.optimizer, allow_empty=self.parallel is not None)
+        self.model = self.runtime.build_model(cfg, init_from)
+        self.num_trainable, self.num_params = self.runtime.num_trainable, self.runtime.num_params
+        seed_everything(cfg.train.seed + self.rank)
+        # a pipeline stage may hold no trained parameter (everything it holds frozen)
+        self.optimizer = build_optimizer(self.model, cfg.train.optimizer, allow_empty=True)
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.train.schedule, cfg.train.max_steps)
         self.ema = self._new_ema() if cfg.train.ema.enabled else None
         self.loader = build_train_loader(cfg, self.dp_rank, self.dp_size)
@@ -121,12 +112,7 @@ class Trainer:
             log.warning("train.validation.every_steps=%d but there is no held-out data (data.val_shards): "
                         "no validation", v.every_steps)
 
-        self.loss_fn = FlowMatchingLoss()
-        self.forward_backward = forward_backward   # same signature for every layout, pipelines included
-        if self.parallel is not None:
-            from magi_train.parallel import forward_backward as parallel_forward_backward
-
-            self.forward_backward = parallel_forward_backward
+        self.objective = build_objective(cfg, self.runtime, self.model)
         self.tbins = TBinStats(cfg.train.flow.t_bins)
         self.step = 0
         self.last_saved_step = -1
@@ -151,9 +137,7 @@ class Trainer:
 
     def _new_ema(self) -> EMA:
         e = self.cfg.train.ema
-        if self.parallel is not None:
-            return EMA(None, e.decay, e.warmup, named_parameters=self.parallel.named_parameters())
-        return EMA(self.model, e.decay, e.warmup)
+        return EMA(None, e.decay, e.warmup, named_parameters=self.runtime.named_parameters())
 
     def _prepare_run_dir(self) -> None:
         if self.rank == 0:
@@ -179,18 +163,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def _state(self) -> dict:
-        if self.parallel is not None:
-            return self._layout_state(self.parallel.plan, self.parallel.named_parameters())
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        state = {
-            "model": model_sd,
-            "optimizer": optim_sd,
+        """This run's state in the layout-independent format (layout_checkpoint.py)."""
+        state = tensor_state(self.runtime.plan, self.runtime.named_parameters(), self.optimizer, self.ema)
+        state.update({
             "scheduler": pack_rank_state(self.scheduler.state_dict()),
-            "trainer": {"step": self.step, "world_size": self.world_size},
-            rank_key(self.rank): pack_rank_state({"rng": rng_state(), "data": self.loader.state_dict()}),
-        }
-        if self.ema is not None:
-            state["ema"] = self.ema.state_dict()
+            "trainer": {"step": self.step, "world_size": self.world_size, "dp_size": self.dp_size, "format": FORMAT},
+            rank_key(self.rank): pack_rank_state({"rng": rng_state()}),
+            data_key(self.dp_rank): pack_rank_state({"data": self.loader.state_dict()}),
+        })
         return state
 
     def save_checkpoint(self) -> Path:
@@ -202,60 +182,14 @@ class Trainer:
         self.last_saved_step = self.step
         return path
 
-    def _layout_state(self, plan, named_parameters) -> dict:
-        """The layout-independent format (layout_checkpoint.py) of this run's state."""
-        from .layout_checkpoint import tensor_state
-
-        state = tensor_state(plan, named_parameters, self.optimizer, self.ema)
-        state.update({
-            "scheduler": pack_rank_state(self.scheduler.state_dict()),
-            "trainer": {"step": self.step, "world_size": self.world_size, "dp_size": self.dp_size, "format": FORMAT},
-            rank_key(self.rank): pack_rank_state({"rng": rng_state()}),
-            data_key(self.dp_rank): pack_rank_state({"data": self.loader.state_dict()}),
-        })
-        return state
-
     def load_checkpoint(self, path: Path) -> None:
-        keys = saved_keys(path)
-        if is_layout_independent(keys) or self.parallel is not None:
-            self._load_layout_independent(path, keys)
-            return
-        state = self._state()
-        mine = rank_key(self.rank)
-        for key in (mine, "ema"):
-            if key in state and not has_entry(keys, key):
-                state.pop(key)
-        CheckpointManager.load(path, state)
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-        self.scheduler.load_state_dict(unpack_rank_state(state["scheduler"]))
-        if self.ema is not None and "ema" in state:
-            self.ema.load_state_dict(state["ema"])
-        elif self.ema is not None:
-            log.warning("resume: %s holds no EMA weights; the EMA starts from the loaded weights", path)
-            self.ema = self._new_ema()
-        self.step = self.last_saved_step = int(state["trainer"]["step"])
-        if mine in state and int(state["trainer"]["world_size"]) == self.world_size:
-            extra = unpack_rank_state(state[mine])
-            set_rng_state(extra["rng"])
-            self.loader.load_state_dict(extra["data"])
-        else:
-            log.warning("resume: checkpoint was written by %s ranks, this run has %d: data position and RNG of "
-                        "this rank start fresh", state["trainer"]["world_size"], self.world_size)
-        self.batches = iter(self.loader)
-
-    def _load_layout_independent(self, path: Path, keys: set[str]) -> None:
-        """Resume from a checkpoint of any layout into this one, or into one process; a parallel run also
-        resumes a one-process checkpoint (whole tensors, read one parameter at a time)."""
+        """Resume from a checkpoint of any layout, or from one written by the one-process format of earlier
+        versions (whole tensors, read one parameter at a time)."""
         from magi_train.parallel.checkpoint import after_load, init_optimizer_state
 
-        from .layout_checkpoint import load_one_process_checkpoint, one_process_plan, restore_lr
-
+        keys = saved_keys(path)
         init_optimizer_state(self.optimizer)   # the AdamW moments must exist for the load to fill them
-        if self.parallel is not None:
-            state = self._state()
-        else:
-            named = [(clean_name(n), p) for n, p in self.model.named_parameters()]
-            state = self._layout_state(one_process_plan(self.cfg.model, self.device), named)
+        state = self._state()
         mine, my_data = rank_key(self.rank), data_key(self.dp_rank)
         one_process = not is_layout_independent(keys)
         saved = {mine: has_entry(keys, mine) and not one_process, "ema": has_entry(keys, "ema"),
@@ -267,8 +201,7 @@ class Trainer:
             load_one_process_checkpoint(path, state)
         else:
             CheckpointManager.load(path, state)
-        if self.parallel is not None:
-            after_load(self.model, self.optimizer)   # pipeline-shared copies take the loaded first copy
+        after_load(self.model, self.optimizer)   # pipeline-shared copies take the loaded first copy
         self.scheduler.load_state_dict(unpack_rank_state(state["scheduler"]))
         restore_lr(self.optimizer, self.scheduler)
         if self.ema is not None and "ema" in state:
@@ -300,29 +233,24 @@ class Trainer:
 
     def train_step(self) -> dict:
         cfg = self.cfg.train
-        chunk_width = self.cfg.model.chunk_width
         micro, flops, tokens, samples = [], 0.0, 0, 0
         for m in range(self.micro_per_step):
             batch = self._next_batch()
             g = microbatch_generator(cfg.seed, self.step, m, self.dp_rank, self.dp_size, self.device)
-            micro.append(prepare_inputs(batch, g, cfg.flow, chunk_width, self.device))
+            micro.append(self.objective.prepare(batch, g, self.step))
             B, _, T, H, W = batch["latent"].shape
             L = batch["text_emb"].shape[1]
             flops += B * train_flops(self.cfg.model, T, H, W, L)
             tokens += B * self.cfg.model.tokens_per_frame(H, W) * (T // self.cfg.model.t_patch_size)
             samples += B
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.forward_backward(self.model, micro, self.loss_fn, autocast_dtype=self.amp_dtype)
+        loss = forward_backward(self.model, micro, self.objective.loss, autocast_dtype=self.amp_dtype)
         stall = os.environ.get(FAULT_STALL_STEP)
         if stall and int(stall) == self.step + 1:
             _stall(self.run_dir / f"stalled_at_step_{self.step + 1}", self.flag)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        if self.parallel is not None:
-            loss = self.parallel.mean_over_dp(loss)
-            grad_norm = self.parallel.clip_grad_norm(max_norm)
-        else:
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        loss = self.runtime.mean_over_dp(loss)
+        grad_norm = self.runtime.clip_grad_norm(max_norm)
         lr = self.optimizer.param_groups[0]["lr"]
         skipped = not math.isfinite(grad_norm)
         if skipped:
@@ -335,12 +263,11 @@ class Trainer:
         if self.ema is not None and not skipped and self.step % self.cfg.train.ema.update_every == 0:
             self.ema.update()
         self.tbins.reset()
-        chunk_losses = self.loss_fn.pop()
-        if chunk_losses or self.parallel is None:     # pipeline stages before the last compute no loss
+        chunk_losses = self.objective.loss.pop()
+        if chunk_losses:     # pipeline stages before the last compute no loss
             for (kwargs, _, weight), per_chunk in zip(micro, chunk_losses, strict=True):
                 self.tbins.add(per_chunk, kwargs["t"], weight)
-        if self.parallel is not None:
-            self.parallel.reduce_tbins(self.tbins)
+        self.runtime.reduce_tbins(self.tbins)
         out = {"loss": float(loss), "lr": lr, "grad_norm": grad_norm, "skipped": skipped,
                "_flops": flops, "_tokens": tokens, "_samples": samples}
         out.update({f"loss/{k}": v for k, v in self.tbins.summary().items()})
@@ -364,15 +291,13 @@ class Trainer:
     def export(self) -> Path | None:
         c = self.cfg.train.checkpoint
         out = self.run_dir / "export" / f"step_{self.step:08d}"
-        if self.parallel is not None:
-            return self.parallel.export(self.ema if c.export_ema else None, out, c.export_dtype)
-        return export_magi(self.model, self.ema if c.export_ema else None, out, c.export_dtype)
+        return self.runtime.export(self.ema if c.export_ema else None, out, c.export_dtype)
 
     def close(self) -> None:
         """Tear down the process groups of a parallel run (nothing for one process)."""
-        if self.parallel is not None:
-            self.parallel.close()
-            self.parallel = None
+        if self.runtime is not None:
+            self.runtime.close()
+            self.runtime = None
 
     def fit(self) -> int:
         cfg = self.cfg.train

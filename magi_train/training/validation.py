@@ -8,7 +8,7 @@ from torch import nn
 from magi_train.diffusion import ChunkNoise, loss_from_output, num_chunks_of, prepare_inputs
 
 from .seeding import step_generator
-from .step import autocast_context
+from magi_train.grad_accumulation import autocast_context
 
 
 @torch.no_grad()

@@ -1,8 +1,10 @@
-"""What the training loop needs from magi_train.parallel when it runs several processes or tp/cp/pp > 1:
-process groups, the model of this rank, and the reductions that make its numbers those of the whole job.
+"""The one training runtime: every run, one process included (the trivial layout), gets its process groups,
+its model and the reductions that make its numbers those of the whole job from here, through
+magi_train.parallel.parallelize.
 
-    rt = ParallelRuntime(cfg, device)          # torch.distributed + megatron-core groups (torchrun's env)
-    model = rt.build_model(cfg, init_from)     # TP spec, PP stage, CP, FSDP/DDP; freezing, AC, compile
+    rt = TrainingRuntime(cfg, device)          # torch.distributed + megatron-core groups (torchrun's env), or none
+    model = rt.build_model(cfg, init_from)     # layer spec, TP, CP, PP stage, freezing, AC, compile, FSDP/DDP
+    teacher = rt.build_frozen(model_cfg, path) # a frozen auxiliary model (distillation), placed the same way
     loss = rt.mean_over_dp(loss); norm = rt.clip_grad_norm(max_norm); rt.reduce_tbins(tbins)
 
 Initial weights equal one process's whenever that is affordable: a MAGI-1 checkpoint (train.init_from) is
@@ -39,27 +41,36 @@ def data_parallel_coords(rank: int, world_size: int, parallel) -> tuple[int, int
     return (rank // (parallel.tp * parallel.cp)) % dp, dp
 
 
-def prepare_shell(shell: nn.Module, train_cfg: TrainConfig) -> None:
-    """parallelize's hook, before FSDP/DDP: freezing by name, activation checkpointing, compile, per block.
+def model_transforms(train_cfg: TrainConfig):
+    """The train.* keys parallelize applies per shell: freezing by name, activation checkpointing, compile."""
+    from magi_train.parallel.transforms import ModelTransforms
 
-    Activation checkpointing is the composable kind (hooks), which keeps parameter names MAGI-1's: the layout's
-    gradient bookkeeping and checkpoints go by name."""
-    from magi_train.model.block import TransformerLayer
-
-    for name, p in shell.named_parameters():
-        p.requires_grad_(is_trainable(name, train_cfg.trainable, train_cfg.frozen))
-    layers = [m for m in shell.videodit_blocks.layers if isinstance(m, TransformerLayer)]
-    if train_cfg.activation_checkpointing:
-        from torch.distributed._composable import checkpoint
-
-        for layer in layers:
-            checkpoint(layer)
-    if train_cfg.compile:
-        for layer in layers:
-            layer.compile()
+    return ModelTransforms(trainable=partial(is_trainable, trainable=train_cfg.trainable, frozen=train_cfg.frozen),
+                           activation_checkpointing=train_cfg.activation_checkpointing, compile=train_cfg.compile)
 
 
-class ParallelRuntime:
+def _checkpoint_getter(path: str, key: str):
+    """name -> whole tensor of a MAGI-1 checkpoint, read one tensor at a time; a bad path is one line naming key."""
+    from magi_train.parallel import magi_tensor_getter
+
+    try:
+        return magi_tensor_getter(path, fp8=False)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"{key}: {e}") from None
+
+
+def _parallelize(key: str, model_cfg, **kwargs) -> nn.Module:
+    """parallelize, with a checkpoint that does not fit the model as one line naming the config key."""
+    from magi_train.model.checkpoint_io import CheckpointMismatch
+    from magi_train.parallel import parallelize
+
+    try:
+        return parallelize(model_cfg, **kwargs)
+    except CheckpointMismatch as e:
+        raise ValueError(f"{key}: {e}") from None
+
+
+class TrainingRuntime:
     def __init__(self, cfg: MagiConfig, device: torch.device):
         from magi_train.parallel import init_parallel
 
@@ -89,32 +100,37 @@ class ParallelRuntime:
 
     # ------------------------------------------------------------------ model
     def build_model(self, cfg: MagiConfig, init_from: str | None) -> nn.Module:
-        from magi_train.model.checkpoint_io import CheckpointMismatch
-        from magi_train.parallel import magi_tensor_getter, parallelize
-
+        """The trained model of this rank: fp32 master weights, from `init_from` (a MAGI-1 checkpoint) or from
+        the init one process draws (models up to SAME_INIT_MAX_PARAMS)."""
         model_cfg = dataclasses.replace(cfg.model, params_dtype="float32")   # fp32 master weights, as one process
         meta = build_dit(model_cfg, device="meta")
         sizes = {n: p.numel() for n, p in meta.named_parameters()}
         self.num_trainable, self.num_params = freezing_counts(sizes, cfg.train.trainable, cfg.train.frozen)
         full_state = None
         if init_from:
-            try:
-                full_state = magi_tensor_getter(init_from, fp8=False)
-            except (FileNotFoundError, ValueError) as e:
-                raise ValueError(f"train.init_from: {e}") from None
+            full_state = _checkpoint_getter(init_from, "train.init_from")
         elif self.num_params <= SAME_INIT_MAX_PARAMS:
             seed_everything(cfg.train.seed)   # what one process draws (Trainer seeds seed + rank, rank 0 there)
             full_state = build_dit(model_cfg, device=self.env.device, dtype=torch.float32).state_dict()
         else:
             log.info("%.2fB parameters: seeded per-shard init (not one process's init)", self.num_params / 1e9)
-        try:
-            self.model = parallelize(model_cfg, env=self.env, full_state=full_state, seed=cfg.train.seed,
-                                     prepare=partial(prepare_shell, train_cfg=cfg.train))
-        except CheckpointMismatch as e:
-            raise ValueError(f"train.init_from: {e}") from None
+        self.model = _parallelize("train.init_from", model_cfg, env=self.env, full_state=full_state,
+                                  seed=cfg.train.seed, transforms=model_transforms(cfg.train))
         if init_from:
             log.info("initialised from MAGI-1 checkpoint %s", init_from)
         return self.model
+
+    def build_frozen(self, model_cfg, path: str, key: str) -> nn.Module:
+        """A frozen auxiliary model (a distillation teacher) from the MAGI-1 checkpoint at `path`, in this run's
+        layout: the same TP/CP/PP cut, and sharded by FSDP like the trained model, so no rank holds a second
+        whole copy. `key` names the config field of `path` in errors. Runs in eval mode, without gradients."""
+        model_cfg = dataclasses.replace(model_cfg, params_dtype="float32")
+        getter = _checkpoint_getter(path, key)
+        from magi_train.parallel.transforms import ModelTransforms
+
+        frozen = ModelTransforms(trainable=lambda name: False)
+        model = _parallelize(key, model_cfg, env=self.env, full_state=getter, seed=0, transforms=frozen)
+        return model.eval()
 
     # ------------------------------------------------------------------ reductions
     def mean_over_dp(self, loss: torch.Tensor) -> torch.Tensor:
@@ -157,11 +173,12 @@ class ParallelRuntime:
                            tensors=tensors)
 
     def close(self) -> None:
+        if not dist.is_initialized():
+            return
         from magi_train.parallel import destroy_parallel
 
-        if dist.is_initialized():
-            dist.barrier()
+        dist.barrier()
         destroy_parallel()
 
 
-__all__ = ["ParallelRuntime", "SAME_INIT_MAX_PARAMS", "prepare_shell", "data_parallel_coords"]
+__all__ = ["TrainingRuntime", "SAME_INIT_MAX_PARAMS", "model_transforms", "data_parallel_coords"]
