@@ -25,14 +25,13 @@ def build_inference_dit(cfg: InferConfig, env, dtype: torch.dtype):
         raise ConfigError(f"dtype: inference runs in {', '.join(DTYPE_NAMES.values())}, got {dtype}")
     if cfg.fp8_quant:
         return _fp8_dit(cfg, env, dtype)
-    from magi_train.parallel import magi_tensor_getter, parallelize
+    from magi_train.parallel import magi_tensor_getter, one_process_state, parallelize
 
     if cfg.load is not None:
         full_state = magi_tensor_getter(cfg.load, fp8=False, distill=cfg.model.distill)
     else:
         log.warning("load is not set: the DiT has random weights (fine for tests and benchmarks, not for videos)")
-        torch.manual_seed(cfg.seed)
-        full_state = build_dit(cfg.model, device=env.device, dtype=dtype).state_dict()
+        full_state = one_process_state(cfg.model, cfg.seed, env.device, dtype)
     model_cfg = dataclasses.replace(cfg.model, params_dtype=DTYPE_NAMES[dtype])
     return parallelize(model_cfg, env=env, full_state=full_state, seed=cfg.seed).eval()
 

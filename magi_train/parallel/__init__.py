@@ -8,9 +8,9 @@ See docs/parallel.md."""
 from . import checkpoint
 from .env import ParallelEnv, destroy_parallel, init_parallel
 from .parallelize import ParallelPlan, PipelinedDiT, parallelize, plan_of
-from .state_dict import load_magi_checkpoint_tp, magi_tensor_getter
+from .state_dict import magi_tensor_getter, one_process_state
 from .step import finalize_grads, forward_backward
 
 __all__ = ["ParallelEnv", "ParallelPlan", "PipelinedDiT", "init_parallel", "destroy_parallel", "parallelize",
            "plan_of", "forward_backward", "finalize_grads", "checkpoint", "magi_tensor_getter",
-           "load_magi_checkpoint_tp"]
+           "one_process_state"]

@@ -2,12 +2,12 @@
 
 `magi_tensor_getter(path)` maps a parameter name to its full tensor in our (tp=1) layout, reading lazily from
 model.safetensors or a sharded index, so a 24B checkpoint never sits whole in one process. Pass it as
-`parallelize(..., full_state=getter)`, or load a model built with MegatronSpec by `load_magi_checkpoint_tp`."""
+`parallelize(..., full_state=getter)`. Without a checkpoint, `one_process_state` gives the weights one process
+draws."""
 from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -16,7 +16,6 @@ from safetensors import safe_open
 from magi_train.config import ConfigError
 from magi_train.model.checkpoint_io import CheckpointMismatch, from_magi_layout, resolve_weight_dir
 
-from .state_dict_adapter import shard_state_dict
 
 
 def magi_tensor_getter(path: str | os.PathLike, fp8: bool | None = None, distill: bool | None = None,
@@ -50,14 +49,11 @@ def magi_tensor_getter(path: str | os.PathLike, fp8: bool | None = None, distill
     return get
 
 
-def load_magi_checkpoint_tp(model, path: str | os.PathLike, env, fp8: bool | None = None,
-                            distill: bool | None = None) -> Path:
-    """Strictly load a MAGI-1 checkpoint into a model built with MegatronSpec (this rank's TP shard)."""
-    if fp8:
-        raise ConfigError("fp8_quant: MAGI-1 fp8 checkpoints cannot be split over tensor-parallel ranks; "
-                          "use tp_size=1 (cp_size works)")
-    get = magi_tensor_getter(path, fp8, distill)
-    keys = list(model.state_dict().keys())
-    local = shard_state_dict(get, keys, model.cfg, env.tp, env.tp_rank)
-    model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in local.items()}, strict=True)
-    return resolve_weight_dir(path, fp8, distill)
+def one_process_state(model_cfg, seed: int, device, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The weights one process draws with `seed` (our tp=1 layout): what every layout starts from when no
+    checkpoint is given and the model is small enough to build whole, so a layout runs the very model one
+    process runs."""
+    from magi_train.model import build_dit
+
+    torch.manual_seed(seed)
+    return build_dit(model_cfg, device=device, dtype=dtype).state_dict()

@@ -27,7 +27,6 @@ from magi_train.dtypes import DTYPES
 from magi_train.model import build_dit
 
 from .freeze import freezing_counts, is_trainable
-from .seeding import seed_everything
 
 log = logging.getLogger("magi_train")
 
@@ -110,8 +109,10 @@ class TrainingRuntime:
         if init_from:
             full_state = _checkpoint_getter(init_from, "train.init_from")
         elif self.num_params <= SAME_INIT_MAX_PARAMS:
-            seed_everything(cfg.train.seed)   # what one process draws (Trainer seeds seed + rank, rank 0 there)
-            full_state = build_dit(model_cfg, device=self.env.device, dtype=torch.float32).state_dict()
+            from magi_train.parallel import one_process_state
+
+            # what one process draws (the Trainer seeds seed + rank afterwards, rank 0 there)
+            full_state = one_process_state(model_cfg, cfg.train.seed, self.env.device, torch.float32)
         else:
             log.info("%.2fB parameters: seeded per-shard init (not one process's init)", self.num_params / 1e9)
         self.model = _parallelize("train.init_from", model_cfg, env=self.env, full_state=full_state,
