@@ -25,7 +25,8 @@ def build_inference_dit(cfg: InferConfig, env, dtype: torch.dtype):
         raise ConfigError(f"dtype: inference runs in {', '.join(DTYPE_NAMES.values())}, got {dtype}")
     if cfg.fp8_quant:
         return _fp8_dit(cfg, env, dtype)
-    from magi_train.parallel import magi_tensor_getter, one_process_state, parallelize
+    from magi_train.checkpoint.release_reader import magi_tensor_getter, one_process_state
+    from magi_train.parallel import parallelize
 
     if cfg.load is not None:
         full_state = magi_tensor_getter(cfg.load, fp8=False, distill=cfg.model.distill)
@@ -37,7 +38,7 @@ def build_inference_dit(cfg: InferConfig, env, dtype: torch.dtype):
 
 
 def _fp8_dit(cfg: InferConfig, env, dtype: torch.dtype):
-    from magi_train.model.checkpoint_io import load_magi_checkpoint
+    from magi_train.checkpoint.magi_format import load_magi_checkpoint
     from magi_train.parallel.context_parallel import apply_context_parallel
 
     if cfg.load is None:

@@ -8,7 +8,7 @@ from magi_infer.config import load_infer_config
 from magi_infer.pipeline import ChunkGenerator
 from magi_infer.runner import build_model
 from magi_train.model import build_dit
-from magi_train.model.checkpoint_io import quantize_to_magi_fp8, save_magi_checkpoint, write_safetensors
+from magi_train.checkpoint.magi_format import quantize_to_magi_fp8, save_magi_checkpoint, write_safetensors
 from magi_train.precision.magi_fp8 import Fp8Linear
 
 HW = (4, 4)

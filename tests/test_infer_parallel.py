@@ -102,7 +102,7 @@ def test_context_parallel_equals_one_process(tmp_path):
 
 @pytest.mark.dist
 def test_pipeline_parallel_equals_one_process(tmp_path):
-    from magi_train.model.checkpoint_io import save_magi_checkpoint
+    from magi_train.checkpoint.magi_format import save_magi_checkpoint
 
     import megatron.core.parallel_state  # noqa: F401  (imported once; the forked workers inherit it)
 

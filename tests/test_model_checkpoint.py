@@ -8,7 +8,7 @@ from einops import rearrange
 from conftest import randomize_
 from magi_train.config import model_preset
 from magi_train.model import build_dit
-from magi_train.model.checkpoint_io import (CheckpointMismatch, load_magi_checkpoint, quantize_to_magi_fp8,
+from magi_train.checkpoint.magi_format import (CheckpointMismatch, load_magi_checkpoint, quantize_to_magi_fp8,
                                             read_safetensors, save_magi_checkpoint, write_safetensors)
 
 

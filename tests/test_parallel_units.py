@@ -6,7 +6,7 @@ import torch
 from magi_train.config import model_preset
 from magi_train.config.parallel_config import ParallelConfig
 from magi_train.model import build_dit
-from magi_train.model.checkpoint_io import save_magi_checkpoint
+from magi_train.checkpoint.magi_format import save_magi_checkpoint
 from magi_train.parallel.context_parallel import _kv_head_index
 from magi_train.parallel.env import ParallelEnv, init_parallel
 from magi_train.parallel.pipeline import split_layers
@@ -99,7 +99,7 @@ def test_single_process_layout_equals_the_model(gated_state):
 
 
 def test_magi_getter_reads_one_tensor_at_a_time(tmp_path, gated_state):
-    from magi_train.parallel.state_dict import magi_tensor_getter
+    from magi_train.checkpoint.release_reader import magi_tensor_getter
 
     cfg, state = gated_state
     save_magi_checkpoint(state, tmp_path / "ckpt", max_shard_bytes=200_000)    # several shards + index

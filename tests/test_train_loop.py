@@ -150,9 +150,9 @@ def test_flop_count_matches_torch_flop_counter(gated):
 
 def test_ema_export_loads_back_as_magi_checkpoint(tmp_path):
     from magi_train.config import ParallelConfig
-    from magi_train.model.checkpoint_io import load_magi_checkpoint
+    from magi_train.checkpoint.magi_format import load_magi_checkpoint
     from magi_train.parallel import parallelize
-    from magi_train.parallel.checkpoint import export_magi
+    from magi_train.checkpoint.sharded import export_magi
     from magi_train.parallel.env import ParallelEnv
 
     model = parallelize(TINY, env=ParallelEnv(pcfg=ParallelConfig(dp=1)), full_state=build_dit(TINY).state_dict())
@@ -272,7 +272,7 @@ def test_finetune_doc_pattern_selects_the_last_ten_blocks_of_4_5B():
 
 
 def test_init_from_magi_checkpoint_then_resume_ignores_it(tmp_path, monkeypatch):
-    from magi_train.model.checkpoint_io import save_magi_checkpoint
+    from magi_train.checkpoint.magi_format import save_magi_checkpoint
     monkeypatch.setenv("WANDB_MODE", "disabled")
     source = build_dit(TINY)
     with torch.no_grad():

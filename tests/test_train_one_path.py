@@ -6,7 +6,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from magi_train.training import Trainer, read_metrics
-from magi_train.training.checkpoint import pack_rank_state, rank_key, rng_state
+from magi_train.checkpoint.manager import pack_rank_state, rank_key, rng_state
 from magi_train.training.config_loading import load_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")

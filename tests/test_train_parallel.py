@@ -115,7 +115,7 @@ def test_checkpoint_resumes_in_another_layout(runs, name):
 
 def _probe_forward(model_cfg, export_dir: Path) -> torch.Tensor:
     from magi_train.model import build_dit
-    from magi_train.model.checkpoint_io import load_magi_checkpoint
+    from magi_train.checkpoint.magi_format import load_magi_checkpoint
 
     model = build_dit(model_cfg)
     load_magi_checkpoint(model, export_dir)
@@ -129,7 +129,7 @@ def _probe_forward(model_cfg, export_dir: Path) -> torch.Tensor:
 
 @pytest.mark.dist
 def test_exports_of_every_layout_load_into_build_dit(runs):
-    from magi_train.model.checkpoint_io import read_safetensors
+    from magi_train.checkpoint.magi_format import read_safetensors
     from magi_train.training.config_loading import load_config
 
     model_cfg = load_config(["experiment=smoke"]).model

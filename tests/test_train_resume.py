@@ -12,7 +12,7 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from magi_train.training import CheckpointManager, read_metrics
-from magi_train.training.checkpoint import unpack_rank_state
+from magi_train.checkpoint.manager import unpack_rank_state
 from magi_train.training.loop import FAULT_STALL_SAVE, FAULT_STALL_STEP
 
 REPO = Path(__file__).resolve().parents[1]

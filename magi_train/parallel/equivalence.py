@@ -251,8 +251,8 @@ def run_resharding(save_layout: str, load_layouts: list[str], cfg: ModelConfig, 
                    single_process_check: bool = True) -> list[dict]:
     """Train one step under save_layout, save model+optimizer (DCP) and a MAGI-1 export; load both under every
     layout of load_layouts (and, on rank 0, into one plain process); forwards and optimizer moments must agree."""
-    from magi_train.model.checkpoint_io import load_magi_checkpoint
-    from magi_train.parallel import checkpoint as ckpt
+    from magi_train.checkpoint.magi_format import load_magi_checkpoint
+    from magi_train.checkpoint import sharded as ckpt
     from magi_train.parallel import forward_backward, init_parallel, parallelize
     from magi_train.parallel.env import ParallelEnv
 

@@ -2,7 +2,7 @@
 metrics, the loop. The objective a step trains lives in magi_train.objectives; the model's parallel form in
 magi_train.parallel (parallelize), reached through runtime.py."""
 from .build import autocast_dtype, build_train_loader, build_validation_batches, resolve_device
-from .checkpoint import CheckpointManager, step_dir_name
+from magi_train.checkpoint.manager import CheckpointManager, step_dir_name
 from .ema import EMA, clean_name
 from .flops import forward_flops, peak_flops_per_second, train_flops
 from .loop import Trainer

@@ -9,7 +9,7 @@ the metrics line of step 100 describes the update that made it.
 One path for every layout, one process included (the trivial layout): runtime.py builds this rank's part of the
 model through magi_train.parallel.parallelize, magi_train.parallel.forward_backward runs its forward/backward,
 and the loop reduces what it reports over the job (loss over the data-parallel ranks, the global gradient norm)
-and saves layout-independent checkpoints (layout_checkpoint.py). What a step trains is the objective
+and saves layout-independent checkpoints (magi_train/checkpoint/training_state.py). What a step trains is the objective
 (magi_train.objectives, `train.objective`). Microbatches are numbered as one process would number them (data and
 noise), so a layout trains the same model on the same samples as one process with the same global batch:
 data-parallel size x microbatches per rank x data.batch_size."""
@@ -34,10 +34,10 @@ from magi_train.objectives import build_objective
 from magi_train.parallel import forward_backward
 
 from .build import autocast_dtype, build_train_loader, build_validation_batches, resolve_device
-from .checkpoint import CheckpointManager, pack_rank_state, rank_key, rng_state, set_rng_state, unpack_rank_state
+from magi_train.checkpoint.manager import CheckpointManager, pack_rank_state, rank_key, rng_state, set_rng_state, unpack_rank_state
 from .ema import EMA
 from .flops import peak_flops_per_second, train_flops
-from .layout_checkpoint import (FORMAT, data_key, has_entry, is_layout_independent, load_one_process_checkpoint,
+from magi_train.checkpoint.training_state import (FORMAT, data_key, has_entry, is_layout_independent, load_one_process_checkpoint,
                                 restore_lr, saved_keys, tensor_state)
 from .metrics import MetricsLogger, peak_memory_gib
 from .optim import build_lr_scheduler, build_optimizer
@@ -163,7 +163,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def _state(self) -> dict:
-        """This run's state in the layout-independent format (layout_checkpoint.py)."""
+        """This run's state in the layout-independent format (magi_train/checkpoint/training_state.py)."""
         state = tensor_state(self.runtime.plan, self.runtime.named_parameters(), self.optimizer, self.ema)
         state.update({
             "scheduler": pack_rank_state(self.scheduler.state_dict()),
@@ -185,7 +185,7 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> None:
         """Resume from a checkpoint of any layout, or from one written by the one-process format of earlier
         versions (whole tensors, read one parameter at a time)."""
-        from magi_train.parallel.checkpoint import after_load, init_optimizer_state
+        from magi_train.checkpoint.sharded import after_load, init_optimizer_state
 
         keys = saved_keys(path)
         init_optimizer_state(self.optimizer)   # the AdamW moments must exist for the load to fill them

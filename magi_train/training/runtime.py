@@ -50,7 +50,7 @@ def model_transforms(train_cfg: TrainConfig):
 
 def _checkpoint_getter(path: str, key: str):
     """name -> whole tensor of a MAGI-1 checkpoint, read one tensor at a time; a bad path is one line naming key."""
-    from magi_train.parallel import magi_tensor_getter
+    from magi_train.checkpoint.release_reader import magi_tensor_getter
 
     try:
         return magi_tensor_getter(path, fp8=False)
@@ -60,7 +60,7 @@ def _checkpoint_getter(path: str, key: str):
 
 def _parallelize(key: str, model_cfg, **kwargs) -> nn.Module:
     """parallelize, with a checkpoint that does not fit the model as one line naming the config key."""
-    from magi_train.model.checkpoint_io import CheckpointMismatch
+    from magi_train.checkpoint.magi_format import CheckpointMismatch
     from magi_train.parallel import parallelize
 
     try:
@@ -109,7 +109,7 @@ class TrainingRuntime:
         if init_from:
             full_state = _checkpoint_getter(init_from, "train.init_from")
         elif self.num_params <= SAME_INIT_MAX_PARAMS:
-            from magi_train.parallel import one_process_state
+            from magi_train.checkpoint.release_reader import one_process_state
 
             # what one process draws (the Trainer seeds seed + rank afterwards, rank 0 there)
             full_state = one_process_state(model_cfg, cfg.train.seed, self.env.device, torch.float32)
@@ -167,7 +167,7 @@ class TrainingRuntime:
     # ------------------------------------------------------------------ export, end
     def export(self, ema, out_dir, dtype: str):
         """MAGI-1 safetensors from this layout (EMA weights when given); the directory on rank 0."""
-        from magi_train.parallel.checkpoint import export_magi
+        from magi_train.checkpoint.sharded import export_magi
 
         tensors = dict(ema.shadow) if ema is not None else None
         return export_magi(self.model, out_dir, DTYPES[dtype],

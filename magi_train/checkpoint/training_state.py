@@ -2,7 +2,7 @@
 process.
 
 Every parameter, AdamW moment and EMA weight is saved as this rank's shard of one canonical global tensor
-(magi_train.parallel.checkpoint.global_view), so DCP reads it back into any other layout in place. Beside
+(magi_train.checkpoint.sharded.global_view), so DCP reads it back into any other layout in place. Beside
 them, as in the one-process format (checkpoint.py): the scheduler, the trainer's counters (with
 `format` = FORMAT, which tells the formats apart), each rank's RNG states (`rank_XXXXX`, restored when the
 world size is the same) and each data-parallel rank's data position (`data_XXXXX`, restored when the number
@@ -55,7 +55,7 @@ def tensor_state(plan, named_parameters, optimizer: torch.optim.Optimizer | None
     """{"model": {name: view}, "optimizer": {name: {exp_avg: view, ...}}, "ema": {...}}: canonical views of the
     live tensors, so a DCP load fills the model, the optimizer and the EMA in place. named_parameters: (MAGI-1
     name, parameter), each name once; the optimizer's other parameters (pipeline-shared copies) are left out."""
-    from magi_train.parallel.checkpoint import global_view, optimizer_views
+    from magi_train.checkpoint.sharded import global_view, optimizer_views
 
     named = list(named_parameters)
     out = {"model": {n: global_view(plan, n, p) for n, p in named}}
@@ -92,7 +92,7 @@ def load_one_process_checkpoint(path: str | os.PathLike, state: dict) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import DefaultLoadPlanner
 
-    from .checkpoint import pack_rank_state, rank_key, unpack_rank_state
+    from .manager import pack_rank_state, rank_key, unpack_rank_state
 
     meta = FileSystemReader(str(path)).read_metadata().state_dict_metadata
     planner = lambda: DefaultLoadPlanner(allow_partial_load=True)   # noqa: E731

@@ -23,9 +23,9 @@ from torch import nn
 
 from magi_train.staging import StagedDirectory
 
-from .data_parallel import fsdp_shard_dim
-from .parallelize import ParallelPlan, plan_of
-from .state_dict_adapter import gather_tp_tensor, param_role
+from magi_train.parallel.data_parallel import fsdp_shard_dim
+from magi_train.parallel.parallelize import ParallelPlan, plan_of
+from magi_train.parallel.state_dict_adapter import gather_tp_tensor, param_role
 
 
 def _canonical(name: str, cfg, full_shape: tuple[int, ...]):
@@ -124,7 +124,7 @@ def global_view(plan: ParallelPlan, name: str, tensor: torch.Tensor):
 
 
 def _full_shape(plan: ParallelPlan, name: str, tensor: torch.Tensor) -> tuple[int, ...]:
-    from .state_dict_adapter import full_shape
+    from magi_train.parallel.state_dict_adapter import full_shape
 
     # an FSDP DTensor's shape is its TP-local shape; so is a plain tensor's
     return full_shape(name, tensor.shape, plan.model_cfg, plan.env.tp)
@@ -212,7 +212,7 @@ def export_magi(model: nn.Module, out_dir: str | os.PathLike, dtype: torch.dtype
     tensors: {name: tensor laid out like that parameter} written instead of the parameter (EMA weights)."""
     from safetensors.torch import save_file
 
-    from magi_train.model.checkpoint_io import to_magi_layout
+    from magi_train.checkpoint.magi_format import to_magi_layout
 
     plan = plan_of(model)
     env = plan.env

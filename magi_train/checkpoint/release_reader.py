@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 from magi_train.config import ConfigError
-from magi_train.model.checkpoint_io import CheckpointMismatch, from_magi_layout, resolve_weight_dir
+from magi_train.checkpoint.magi_format import CheckpointMismatch, from_magi_layout, resolve_weight_dir
 
 
 
