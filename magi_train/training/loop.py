@@ -32,7 +32,8 @@ from magi_train.data.config import DataConfig
 from magi_train.diffusion import FlowMatchingLoss, TBinStats, prepare_inputs
 
 from .build import autocast_dtype, build_model, build_train_loader, build_validation_batches, resolve_device, wrap_model
-from .checkpoint import CheckpointManager, pack_rank_state, step_dir_name, rank_key, rng_state, set_rng_state, unpack_rank_state
+from .checkpoint import (CheckpointManager, pack_rank_state, rank_key, rng_state, set_rng_state, step_dir_name,
+                         unpack_rank_state)
 from .checkpoint_fallback import load_newest_loadable
 from .disk_guard import check_writable, guarded_save
 from .divergence_guard import DivergenceGuard
@@ -210,8 +211,9 @@ class Trainer:
         if stall and int(stall) == self.step:
             hook = lambda tmp: _stall(self.run_dir / f"stalled_in_save_{self.step}", None)  # noqa: E731
         state = self._state()
-        path = guarded_save(lambda: self.checkpoints.save(self.step, state, before_rename=hook), self.checkpoints.directory,
-                            self.step, state, self.checkpoints.latest(), self.checkpoints.clean_leftovers)
+        path = guarded_save(lambda: self.checkpoints.save(self.step, state, before_rename=hook),
+                            self.checkpoints.directory, self.step, state, self.checkpoints.latest(),
+                            self.checkpoints.clean_leftovers)
         self.last_saved_step = self.step
         return path
 

@@ -33,11 +33,6 @@ def saved_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.size) for k, v in meta.items() if isinstance(v, TensorStorageMetadata)}
 
 
-def _flat(state: dict) -> tuple[dict, dict]:
-    flat, mapping = flatten_state_dict(state)
-    return flat, mapping
-
-
 def differences(saved: dict[str, tuple], wanted: dict[str, tuple], same_format: bool) -> list[tuple[str, str]]:
     """[(model key, why)] for each model tensor that does not fit, this model's order first. A checkpoint of the
     other format stores the same tensor in another (whole vs canonical) shape: there only the size counts."""
@@ -89,7 +84,7 @@ def fit_to_checkpoint(path: str | os.PathLike, state: dict, allow_partial: bool,
     line when a model tensor differs; with allow_partial removes the entries of every such tensor instead
     (weights, optimizer moments, EMA) and logs what was left out."""
     path = Path(path)
-    flat, mapping = _flat(state)
+    flat, mapping = flatten_state_dict(state)
     wanted = {k: tuple(v.shape) for k, v in flat.items() if k.startswith(MODEL) and torch.is_tensor(v)}
     diffs = differences(saved_shapes(path), wanted, same_format)
     if not diffs:
