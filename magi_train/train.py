@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from magi_train.data.skip_guard import DataUnusable
     from magi_train.training.config_loading import load_config
     from magi_train.training.loop import Trainer
-    from magi_train.training.run_errors import RunStopped
+    from magi_train.training.run_errors import RunStopped, tell_launcher
 
     try:
         try:
@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             trainer = Trainer(cfg, flag)
         except (ConfigError, ValueError, FileNotFoundError) as e:
             print(f"config error: {e}", file=sys.stderr)
+            tell_launcher(f"config error: {e}")
             return 2
         try:
             return trainer.fit()
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             trainer.close()
     except (RunStopped, DataUnusable) as e:
         print(f"error: {e}", file=sys.stderr)
+        tell_launcher(f"error: {e}")
         return e.exit_code
     finally:
         flag.restore()

@@ -240,7 +240,8 @@ class Trainer:
         for key in (mine, "ema"):
             if key in state and not has_entry(keys, key):
                 state.pop(key)
-        fitted = fit_to_checkpoint(path, state, self.cfg.train.resume_partial)   # one line if the model differs
+        fitted = fit_to_checkpoint(path, state, self.cfg.train.resume_partial,   # one line if the model differs
+                                   model_cfg=dataclasses.asdict(self.cfg.model))
         CheckpointManager.load(path, state, allow_partial=fitted.partial)
         fitted.restore(state)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
@@ -280,7 +281,8 @@ class Trainer:
         for key, present in saved.items():
             if key in state and not present:
                 state.pop(key)
-        fitted = fit_to_checkpoint(path, state, self.cfg.train.resume_partial, same_format=not one_process)
+        fitted = fit_to_checkpoint(path, state, self.cfg.train.resume_partial, same_format=not one_process,
+                                   model_cfg=dataclasses.asdict(self.cfg.model))
         if one_process:
             load_one_process_checkpoint(path, state)
         else:

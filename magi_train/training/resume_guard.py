@@ -79,10 +79,29 @@ def _mentions(key: str, names: set[str]) -> bool:
     return any(f".{n}." in dotted for n in names)
 
 
-def fit_to_checkpoint(path: str | os.PathLike, state: dict, allow_partial: bool, same_format: bool = True) -> Fitted:
+def config_differences(path: Path, model_cfg: dict | None) -> str:
+    """' (model.num_layers: 2 in the run's config.yaml, 1 now)' for the run that wrote the checkpoint at `path`
+    ({run}/checkpoints/step_*), or '' when its config.yaml is not there or says the same."""
+    run_config = path.parent.parent / "config.yaml"
+    if model_cfg is None or not run_config.is_file():
+        return ""
+    try:
+        import yaml
+
+        saved = (yaml.safe_load(run_config.read_text()) or {}).get("model") or {}
+    except Exception:   # noqa: BLE001 - an unreadable config.yaml only costs the hint
+        return ""
+    diffs = [f"model.{k}: {saved[k]} in the run's config.yaml, {v} now" for k, v in model_cfg.items()
+             if k in saved and saved[k] != v]
+    return f" ({'; '.join(diffs[:3])})" if diffs else ""
+
+
+def fit_to_checkpoint(path: str | os.PathLike, state: dict, allow_partial: bool, same_format: bool = True,
+                      model_cfg: dict | None = None) -> Fitted:
     """Check `state` (what the run would load) against the checkpoint at `path`. Raises ResumeMismatch with one
-    line when a model tensor differs; with allow_partial removes the entries of every such tensor instead
-    (weights, optimizer moments, EMA) and logs what was left out."""
+    line when a model tensor differs (naming the model.* settings that differ from the run's config.yaml when
+    model_cfg, this run's model config as a dict, is given); with allow_partial removes the entries of every
+    such tensor instead (weights, optimizer moments, EMA) and logs what was left out."""
     path = Path(path)
     flat, mapping = flatten_state_dict(state)
     wanted = {k: tuple(v.shape) for k, v in flat.items() if k.startswith(MODEL) and torch.is_tensor(v)}
@@ -91,7 +110,8 @@ def fit_to_checkpoint(path: str | os.PathLike, state: dict, allow_partial: bool,
         return Fitted([])
     if not allow_partial:
         more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
-        raise ResumeMismatch(f"resume: {path.name} does not fit this model: {diffs[0][1]}{more}; resume with the "
+        raise ResumeMismatch(f"resume: {path.name} does not fit this model: {diffs[0][1]}{more}"
+                             f"{config_differences(path, model_cfg)}; resume with the "
                              f"model it was trained with, set train.resume_partial=true to load only the tensors "
                              f"that fit, or choose another name=")
     names = {k[len(MODEL):] for k, _ in diffs if k in wanted}

@@ -9,6 +9,10 @@ scheduler can tell a configuration problem from a full disk from a diverged run.
   6  the data has no usable sample (magi_train.data.skip_guard.DataUnusable)"""
 from __future__ import annotations
 
+import json
+import os
+import time
+
 
 class RunStopped(RuntimeError):
     """Base of the faults above; the message is the one line the user sees."""
@@ -16,4 +20,18 @@ class RunStopped(RuntimeError):
     exit_code = 1
 
 
-__all__ = ["RunStopped"]
+def tell_launcher(line: str) -> None:
+    """Under torchrun, write `line` to this worker's error file (TORCHELASTIC_ERROR_FILE), so that torchrun's
+    failure summary shows it as the root cause instead of "To enable traceback see ...". torchrun still prints
+    its own ChildFailedError traceback after it: it raises one for any worker that exits non-zero."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path or os.path.exists(path):   # torchrun creates none; an existing one belongs to someone else
+        return
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": line, "timestamp": int(time.time())}, f)
+    except OSError:
+        pass
+
+
+__all__ = ["RunStopped", "tell_launcher"]
