@@ -76,6 +76,8 @@ def make_shards(src_dir: str | os.PathLike, out_dir: str | os.PathLike, shard_si
         raise ValueError(f"shard_size_mb: must be > 0, got {shard_size_mb}")
     if max_samples_per_shard is not None and max_samples_per_shard < 1:
         raise ValueError(f"max_samples_per_shard: must be >= 1 or None, got {max_samples_per_shard}")
+    # the inputs first: a missing src_dir or captions csv stops here, before out_dir is created
+    sources = attach_captions(src_dir, find_videos(src_dir), captions_csv)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     old = sorted(out.glob("shard-*.tar"))
@@ -85,7 +87,6 @@ def make_shards(src_dir: str | os.PathLike, out_dir: str | os.PathLike, shard_si
         p.unlink()
         Path(str(p)[:-4] + INDEX_SUFFIX).unlink(missing_ok=True)
 
-    sources = attach_captions(src_dir, find_videos(src_dir), captions_csv)
     report = ShardReport(str(src_dir), str(out), videos_found=len(sources))
     limit_bytes = shard_size_mb * 2**20
     pending: list[tuple[str, dict[str, bytes]]] = []
@@ -176,8 +177,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workers", type=int, default=0, help="processes that decode-check videos")
     ap.add_argument("--overwrite", action="store_true")
     a = ap.parse_args(argv)
-    report = make_shards(a.src_dir, a.out_dir, a.shard_size_mb, a.max_samples_per_shard, a.min_frames, a.min_height,
-                         a.min_width, a.max_frames, a.captions_csv, not a.allow_no_caption, a.workers, a.overwrite)
+    try:
+        report = make_shards(a.src_dir, a.out_dir, a.shard_size_mb, a.max_samples_per_shard, a.min_frames,
+                             a.min_height, a.min_width, a.max_frames, a.captions_csv, not a.allow_no_caption,
+                             a.workers, a.overwrite)
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, ValueError) as e:
+        raise SystemExit(f"make_shards: {e}") from None   # a missing input or bad argument: one line, exit 1
     print(report.summary())
     for rel, why in report.corrupt[:20]:
         print(f"  corrupt: {rel}: {why}")

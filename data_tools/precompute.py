@@ -132,7 +132,7 @@ def precompute(raw_shard_dir, out_dir, vae, text_encoder, resolution: tuple[int,
     world_size = env_world if world_size is None else world_size
     if not 0 <= rank < world_size:
         raise ValueError(f"rank: must be in [0, world_size={world_size}), got {rank}")
-    shards = resolve_shards(str(raw_shard_dir))
+    shards = resolve_shards(str(raw_shard_dir), key="raw")
     mine = shards[rank::world_size]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -199,11 +199,15 @@ def main(argv: list[str] | None = None) -> None:
     procs = args.pop("procs")
     if procs < 1:
         raise SystemExit(f"--procs: must be >= 1, got {procs}")
-    if procs == 1:
-        reps = [_run_process(args, 0, 1)]
-    else:
-        with mp.get_context("spawn").Pool(procs) as pool:
-            reps = pool.starmap(_run_process, [(args, p, procs) for p in range(procs)])
+    try:
+        resolve_shards(args["raw"], key="raw")   # a missing input is one line, before any encoder loads
+        if procs == 1:
+            reps = [_run_process(args, 0, 1)]
+        else:
+            with mp.get_context("spawn").Pool(procs) as pool:
+                reps = pool.starmap(_run_process, [(args, p, procs) for p in range(procs)])
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, ValueError) as e:
+        raise SystemExit(f"precompute: {e}") from None
     done = sum(len(r["shards_written"]) for r in reps)
     skipped = sum(len(r["shards_already_done"]) for r in reps)
     corrupt = [c for r in reps for c in r["corrupt"]]

@@ -34,6 +34,8 @@ def find_videos(src_dir: str | Path) -> list[Path]:
 
 def read_captions_csv(path: str | Path) -> dict[str, str]:
     """{path-like key: caption} from a CSV with a header naming a path column and a caption column."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"captions_csv: not a file: {path}")
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         cols = {c.lower().strip(): c for c in (reader.fieldnames or [])}

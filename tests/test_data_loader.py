@@ -1,5 +1,10 @@
-"""Shard reader: rank x worker split, buckets, exact resume, corrupt samples skipped and counted."""
+"""Shard reader: rank x worker split, buckets, exact resume, corrupt samples skipped, counted and named; data
+with no usable sample stops with one line; the data tools' missing inputs are one line."""
+import json
+import os
 import shutil
+import subprocess
+import sys
 import tarfile
 from dataclasses import replace
 from pathlib import Path
@@ -10,7 +15,10 @@ import torch
 from data_tools.make_shards import make_shards
 from data_tools.synthetic_world import WorldConfig, write_dataset
 from magi_train.data import DataConfig, build_loader, build_validation_loader
-from magi_train.data.shard_format import INDEX_SUFFIX, load_index
+from magi_train.data.shard_format import INDEX_SUFFIX, load_index, write_shard
+from magi_train.data.skip_guard import DataUnusable
+
+REPO = Path(__file__).resolve().parents[1]
 
 SIZES = {"a": (WorldConfig(height=32, width=32, num_frames=12), 9), "b": (WorldConfig(height=32, width=48,
                                                                                      num_frames=8), 5)}
@@ -154,3 +162,92 @@ def test_bad_config_is_a_one_line_error(field, value, match):
         DataConfig(**{"kind": "raw", "shards": "x", field: value})
     with pytest.raises(ValueError, match="data.resolution: applies to raw"):
         DataConfig(kind="latent", shards="x", resolution=(32, 32))
+
+
+# --- data that can only be skipped (issue 16): one line instead of skipping forever ---
+
+def _latent_sample(key: str, shape=(16, 6, 8, 8), meta_shape=None, caption: str | None = "a ball", nan=False):
+    from safetensors.torch import save
+
+    latent = torch.randn(shape)
+    if nan:
+        latent[0, 0, 0, 0] = float("nan")
+    members = {"latent.safetensors": save({"latent": latent}), "text.safetensors": save({"emb": torch.randn(3, 64)}),
+               "json": json.dumps({"latent_shape": list(meta_shape or shape), "fps": 24}).encode()}
+    if caption is not None:
+        members["txt"] = caption.encode()
+    return key, members
+
+
+def _latent_shards(root: Path, samples: list) -> Path:
+    for i in range(0, len(samples), 3):
+        write_shard(root / f"shard-{i // 3:06d}.tar", samples[i:i + 3])
+    return root
+
+
+@pytest.mark.parametrize("broken,reason", [
+    (dict(caption=None), "no caption"),
+    (dict(meta_shape=(16, 6, 8, 16)), "shape differs from metadata"),     # latents unlike their metadata
+])
+def test_an_epoch_without_a_usable_sample_stops_with_one_line(tmp_path, broken, reason):
+    shards = _latent_shards(tmp_path, [_latent_sample(f"s{i}", **broken) for i in range(7)])
+    loader = build_loader(DataConfig(kind="latent", shards=str(shards), batch_size=2, num_workers=1, seed=0))
+    with pytest.raises(DataUnusable, match=f"epoch 0 held no usable sample: 7 skipped \\(7 {reason}\\); last: s"):
+        next(iter(loader))   # today: skips batch after batch, epoch after epoch, and never returns
+
+
+def test_many_skips_in_a_row_stop_early_and_name_reasons_and_counts(dataset, tmp_path):
+    shards, captions = dataset
+    raw = tmp_path / "raw"
+    shutil.copytree(shards, raw)
+    for shard in raw.glob("*.tar"):   # every mp4 corrupt, the tar structure intact
+        with open(shard, "r+b") as f:
+            for ref in load_index(shard).samples:
+                off, size = ref.members["mp4"]
+                f.seek(off)
+                f.write(b"\x13" * size)
+    loader = build_loader(_cfg(raw, batch_size=2, num_workers=0, max_consecutive_skips=5))
+    with pytest.raises(DataUnusable) as e:
+        next(iter(loader))
+    line = str(e.value)
+    assert line.startswith("data: 6 samples in a row could not be used (6 corrupt video); last: ") and "\n" not in line
+    assert loader.stats["skipped_corrupt"] == 6
+
+
+def test_a_nan_sample_is_named_and_skipped(tmp_path, caplog):
+    samples = [_latent_sample(f"s{i}", nan=i == 4) for i in range(6)]
+    loader = build_loader(DataConfig(kind="latent", shards=str(_latent_shards(tmp_path, samples)), batch_size=1,
+                                     num_workers=0, shuffle=False))
+    with caplog.at_level("WARNING"):
+        keys = [k for b in _take(loader, 5) for k in b["key"]]
+    assert keys == ["s0", "s1", "s2", "s3", "s5"]
+    assert loader.stats["corrupt"] == [("s4", "s4: latent holds 1 non-finite values (NaN/inf)")]
+    assert "skipped sample s4: latent holds 1 non-finite values (NaN/inf) (non-finite values)" in caplog.text
+
+
+def test_training_on_unusable_shards_ends_with_one_line(tmp_path):
+    """Through the entry point (today: a warning line per sample, never a step, never an exit)."""
+    shards = _latent_shards(tmp_path / "shards", [_latent_sample(f"s{i}", meta_shape=(16, 6, 8, 16)) for i in range(4)])
+    cmd = [sys.executable, "-m", "magi_train.train", "train=smoke", "data=latent", f"data.shards={shards}",
+           "data.num_frames=6", "data.num_workers=0", f"output_dir={tmp_path}", "train.device=cpu",
+           "train.progress_bar=false", "train.wandb.mode=disabled", "train.validation.every_steps=0"]
+    r = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+                       capture_output=True, text=True, timeout=300)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+    assert r.returncode == 6 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "data: epoch 0 held no usable sample: 4 skipped (4 shape differs from metadata)" in errors[0]
+    assert "skipped sample s0: decoded shape" in r.stderr   # each skipped sample is named
+
+
+@pytest.mark.parametrize("tool,args,line", [
+    ("make_shards", ["{tmp}/missing", "{tmp}/out"], "make_shards: src_dir: not a directory: {tmp}/missing"),
+    ("make_shards", ["{tmp}", "{tmp}/out", "--captions-csv", "{tmp}/none.csv"],
+     "make_shards: captions_csv: not a file: {tmp}/none.csv"),
+    ("precompute", ["{tmp}/missing", "{tmp}/out"], "precompute: raw: 1 shard(s) not found, first: {tmp}/missing"),
+])
+def test_data_tools_give_one_line_for_a_missing_input(tmp_path, tool, args, line):
+    args = [a.format(tmp=tmp_path) for a in args]
+    r = subprocess.run([sys.executable, "-m", f"data_tools.{tool}", *args], cwd=REPO, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip() == line.format(tmp=tmp_path), r.stderr[-2000:]
+    assert not (tmp_path / "out").exists()

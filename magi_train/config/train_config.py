@@ -176,6 +176,10 @@ class TrainConfig:
     log_every: int = 10                   # steps between log lines (metrics.jsonl gets every step)
     progress_bar: bool = True
     peak_tflops: Optional[float] = None   # accelerator peak for MFU; None = looked up from the device name
+    resume_partial: bool = False          # resume from a checkpoint of another model shape: load the tensors that
+                                          # fit, keep the initial values of the others (and say which); else stop
+    max_nonfinite_steps: int = 10         # stop (exit 5) after this many consecutive steps with a non-finite loss
+                                          # or gradient norm; 0 = never
     flow: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -196,6 +200,9 @@ class TrainConfig:
         check_choice(self.device, f"{p}.device", DEVICES)
         check_choice(self.precision, f"{p}.precision", PRECISIONS)
         _int(self.log_every, f"{p}.log_every")
+        check(isinstance(self.resume_partial, bool), f"{p}.resume_partial",
+              f"must be true or false, got {self.resume_partial!r}")
+        _int(self.max_nonfinite_steps, f"{p}.max_nonfinite_steps", 0)
         if self.peak_tflops is not None:
             check(self.peak_tflops > 0, f"{p}.peak_tflops", f"must be > 0, got {self.peak_tflops}")
 

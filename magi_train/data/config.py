@@ -30,6 +30,8 @@ class DataConfig:
     text_length: int | None = None       # latent only: pad/truncate caption tokens to this; None: longest in batch
     prefetch_factor: int = 2             # batches each worker prepares ahead
     pin_memory: bool = False
+    max_consecutive_skips: int = 100     # stop (exit 6) when this many samples in a row cannot be used; 0 = stop
+                                         # only when a whole epoch held no usable sample
 
     def __post_init__(self) -> None:
         check_choice(self.kind, "data.kind", KINDS)
@@ -40,7 +42,7 @@ class DataConfig:
         check(bool(self.shards), "data.shards", "needs a directory, glob or brace pattern of .tar shards")
         for name in ("batch_size", "frame_stride", "prefetch_factor"):
             _positive(getattr(self, name), f"data.{name}")
-        for name in ("num_workers", "shuffle_buffer", "seed"):
+        for name in ("num_workers", "shuffle_buffer", "seed", "max_consecutive_skips"):
             v = getattr(self, name)
             check(isinstance(v, int) and not isinstance(v, bool) and v >= 0, f"data.{name}",
                   f"must be an integer >= 0, got {v!r}")

@@ -17,8 +17,9 @@ from .shard_format import VIDEO_EXTS, SampleRef, load_index
 LATENT_MEMBERS = ("latent.safetensors", "text.safetensors")
 
 
-def resolve_shards(spec: str | list[str]) -> list[str]:
-    """Sorted tar paths from a directory, glob, brace pattern, comma-separated string or list of these."""
+def resolve_shards(spec: str | list[str], key: str = "data.shards") -> list[str]:
+    """Sorted tar paths from a directory, glob, brace pattern, comma-separated string or list of these; `key`
+    names the setting in the error (a data tool's argument, or the training config key)."""
     specs = spec if isinstance(spec, (list, tuple)) else [s for s in str(spec).split(",") if s]
     paths: list[str] = []
     for s in specs:
@@ -35,10 +36,10 @@ def resolve_shards(spec: str | list[str]) -> list[str]:
             paths.append(s)
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
-        raise FileNotFoundError(f"data.shards: {len(missing)} shard(s) not found, first: {missing[0]}")
+        raise FileNotFoundError(f"{key}: {len(missing)} shard(s) not found, first: {missing[0]}")
     paths = sorted(set(os.path.abspath(p) for p in paths))
     if not paths:
-        raise FileNotFoundError(f"data.shards: no .tar shard matches {spec!r}")
+        raise FileNotFoundError(f"{key}: no .tar shard matches {spec!r}")
     return paths
 
 

@@ -8,8 +8,9 @@
 Batches of a rank's epoch plan (batch_plan.py) go round-robin to the reader workers: batch g of the stream
 since the start position is built by worker g % num_workers, and torch's DataLoader returns workers' outputs
 in that same round-robin order, so the stream is the plan, whatever the worker count.
-A sample that fails to decode is dropped from its batch and counted in loader.stats; a batch whose samples all
-fail is skipped. Both are deterministic, so a resumed run skips the same samples.
+A sample that fails to decode is dropped from its batch, named in the log and counted in loader.stats; a batch
+whose samples all fail is skipped. Both are deterministic, so a resumed run skips the same samples. Data with no
+usable sample stops the loader with one line (skip_guard.py) instead of skipping forever.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from .config import DataConfig
 from .dataset_index import DatasetIndex, build_index
 from .sample_decode import SampleError, collate, decode_latent, decode_raw
 from .shard_format import read_members
+from .skip_guard import SkipGuard
 
 log = logging.getLogger(__name__)
 _MAX_LOGGED_SKIPS = 100
@@ -92,10 +94,13 @@ class _BatchStream(IterableDataset):
                 out = decode(s.ref.key, members, self.cfg, rng)
                 got = tuple((out["video"] if self.cfg.kind == "raw" else out["latent"]).shape[1:])
                 if got != tuple(s.shape):
-                    raise SampleError(f"{s.ref.key}: decoded shape {got} differs from its metadata {s.shape}")
+                    raise SampleError(f"{s.ref.key}: decoded shape {got} differs from its metadata {s.shape}",
+                                      "shape differs from metadata")
                 good.append(out)
-            except (SampleError, OSError, EOFError) as e:
-                skipped.append((s.ref.key, str(e)))
+            except SampleError as e:
+                skipped.append((s.ref.key, e.reason, str(e)))
+            except (OSError, EOFError) as e:
+                skipped.append((s.ref.key, "read error", f"{s.ref.key}: {e}"))
         batch = collate(good, self.cfg.kind, self.cfg.text_length) if good else {}
         batch["_pos"], batch["_skipped"] = (epoch, b), skipped
         return batch
@@ -149,26 +154,29 @@ class ShardLoader:
                                 persistent_workers=False)
         else:
             source = stream
+        guard = SkipGuard(self.cfg.max_consecutive_skips, (self.epoch, self.batch_in_epoch))
         for batch in source:
             epoch, b = batch.pop("_pos")
             skipped = batch.pop("_skipped")
             self.epoch, self.batch_in_epoch = epoch, b + 1
             self._count(skipped)
+            guard.batch(epoch, b, len(batch.get("key", ())), skipped)
             if "key" not in batch:
                 self.stats["skipped_batches"] += 1
                 continue
             self.stats["batches"] += 1
             self.stats["samples"] += len(batch["key"])
             yield batch
+        guard.end()
         if self.single_epoch:   # a finite pass: the next iteration starts over
             self.epoch, self.batch_in_epoch = 0, 0
 
-    def _count(self, skipped: list[tuple[str, str]]) -> None:
-        for key, reason in skipped:
+    def _count(self, skipped: list[tuple[str, str, str]]) -> None:
+        for key, reason, message in skipped:
             self.stats["skipped_corrupt"] += 1
             if len(self.stats["corrupt"]) < _MAX_LOGGED_SKIPS:
-                self.stats["corrupt"].append((key, reason))
-            log.warning("data: skipped sample %s", reason)
+                self.stats["corrupt"].append((key, message))
+            log.warning("data: skipped sample %s (%s)", message, reason)
 
 
 def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1) -> ShardLoader:

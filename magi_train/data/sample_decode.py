@@ -19,7 +19,12 @@ from .video_codec import CorruptVideoError, read_video
 
 
 class SampleError(ValueError):
-    """A sample that cannot be decoded (corrupt bytes, wrong shape, too short)."""
+    """A sample that cannot be decoded (corrupt bytes, wrong shape, too short). `reason` is a short tag the
+    loader counts by (skip_guard.py); the message names the sample."""
+
+    def __init__(self, message: str, reason: str = "undecodable"):
+        super().__init__(message)
+        self.reason = reason
 
 
 def _text(members: dict[str, bytes], key: str) -> str:
@@ -30,7 +35,7 @@ def _text(members: dict[str, bytes], key: str) -> str:
         cap = json.loads(meta).get("caption")
         if isinstance(cap, str):
             return cap.strip()
-    raise SampleError(f"{key}: no caption (.txt member or 'caption' in .json)")
+    raise SampleError(f"{key}: no caption (.txt member or 'caption' in .json)", "no caption")
 
 
 def _meta(members: dict[str, bytes], key: str) -> dict:
@@ -39,7 +44,7 @@ def _meta(members: dict[str, bytes], key: str) -> dict:
     try:
         return json.loads(members["json"])
     except (ValueError, UnicodeDecodeError) as e:
-        raise SampleError(f"{key}: unreadable json metadata ({e})") from None
+        raise SampleError(f"{key}: unreadable json metadata ({e})", "unreadable metadata") from None
 
 
 def _crop_start(total: int, need: int, rng: np.random.Generator | None) -> int:
@@ -62,7 +67,7 @@ def resize_cover_crop(video: torch.Tensor, height: int, width: int) -> torch.Ten
 def decode_raw(key: str, members: dict[str, bytes], cfg: DataConfig, rng: np.random.Generator | None) -> dict:
     ext = next((e for e in VIDEO_EXTS if e in members), None)
     if ext is None:
-        raise SampleError(f"{key}: no video member")
+        raise SampleError(f"{key}: no video member", "no video")
     caption, meta = _text(members, key), _meta(members, key)
     need = None if cfg.num_frames is None else (cfg.num_frames - 1) * cfg.frame_stride + 1
     known_total = int(meta["frames"]) if isinstance(meta.get("frames"), int) else None
@@ -77,13 +82,13 @@ def decode_raw(key: str, members: dict[str, bytes], cfg: DataConfig, rng: np.ran
             frames, fps = read_video(members[ext])
             start = _crop_start(len(frames), need, rng)
     except CorruptVideoError as e:
-        raise SampleError(f"{key}: {e}") from None
+        raise SampleError(f"{key}: {e}", "corrupt video") from None
     except ValueError:
-        raise SampleError(f"{key}: {known_total} frames, needs {need}") from None
+        raise SampleError(f"{key}: {known_total} frames, needs {need}", "too short") from None
     if need is not None:
         frames = frames[start:start + need]
         if len(frames) < need:
-            raise SampleError(f"{key}: decoded {start + len(frames)} frames, needs {start + need}")
+            raise SampleError(f"{key}: decoded {start + len(frames)} frames, needs {start + need}", "too short")
     frames = frames[::cfg.frame_stride]
     # numpy for the elementwise work: single-threaded, so it never fights the trainer's torch threads
     video = frames.transpose(3, 0, 1, 2).astype(np.float32) * np.float32(1 / 127.5) - np.float32(1.0)
@@ -99,15 +104,19 @@ def decode_latent(key: str, members: dict[str, bytes], cfg: DataConfig, rng: np.
         latent = load_safetensors(members["latent.safetensors"])["latent"].float()
         emb = load_safetensors(members["text.safetensors"])["emb"].float()
     except Exception as e:   # safetensors raises its own error types for damaged headers
-        raise SampleError(f"{key}: unreadable tensors ({type(e).__name__}: {e})") from None
+        raise SampleError(f"{key}: unreadable tensors ({type(e).__name__}: {e})", "unreadable tensors") from None
     if latent.ndim != 4 or emb.ndim != 2:
         raise SampleError(f"{key}: latent must be [C, t, h, w] and emb [n, D], got {tuple(latent.shape)}, "
-                          f"{tuple(emb.shape)}")
+                          f"{tuple(emb.shape)}", "wrong shape")
+    for name, t in (("latent", latent), ("text embedding", emb)):
+        if not bool(torch.isfinite(t).all()):   # one such sample turns a whole step's update into NaN
+            raise SampleError(f"{key}: {name} holds {int((~torch.isfinite(t)).sum())} non-finite values (NaN/inf)",
+                              "non-finite values")
     if cfg.num_frames is not None:
         try:
             start = _crop_start(latent.shape[1], cfg.num_frames, rng)
         except ValueError:
-            raise SampleError(f"{key}: {latent.shape[1]} latent frames, needs {cfg.num_frames}") from None
+            raise SampleError(f"{key}: {latent.shape[1]} latent frames, needs {cfg.num_frames}", "too short") from None
         latent = latent[:, start:start + cfg.num_frames].contiguous()
     return {"latent": latent, "text_emb": emb, "caption": caption, "key": key,
             "fps": float(meta.get("fps", 0.0)), "meta": meta}

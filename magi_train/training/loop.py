@@ -34,7 +34,11 @@ from magi_train.objectives import build_objective
 from magi_train.parallel import forward_backward
 
 from .build import autocast_dtype, build_train_loader, build_validation_batches, resolve_device
-from magi_train.checkpoint.manager import CheckpointManager, pack_rank_state, rank_key, rng_state, set_rng_state, unpack_rank_state
+from magi_train.checkpoint.manager import (CheckpointManager, pack_rank_state, rank_key, rng_state, set_rng_state,
+                                           step_dir_name, unpack_rank_state)
+from .checkpoint_fallback import load_newest_loadable
+from .disk_guard import check_writable, guarded_save
+from .divergence_guard import DivergenceGuard
 from .ema import EMA
 from .flops import peak_flops_per_second, train_flops
 from magi_train.checkpoint.training_state import (FORMAT, data_key, has_entry, is_layout_independent, load_one_process_checkpoint,
@@ -42,6 +46,8 @@ from magi_train.checkpoint.training_state import (FORMAT, data_key, has_entry, i
 from .metrics import MetricsLogger, peak_memory_gib
 from .optim import build_lr_scheduler, build_optimizer
 from .preemption import PreemptionFlag
+from .resume_guard import fit_to_checkpoint
+from .run_lock import RunLock
 from .runtime import TrainingRuntime, data_parallel_coords
 from .seeding import microbatch_generator, seed_everything
 from .validation import validate
@@ -72,14 +78,17 @@ def _stall(marker: Path, flag: PreemptionFlag | None, seconds: float = 600.0) ->
 
 
 class Trainer:
-    def __init__(self, cfg: MagiConfig):
+    def __init__(self, cfg: MagiConfig, flag: PreemptionFlag | None = None):
         self.cfg = cfg
-        self.flag: PreemptionFlag | None = None   # installed by fit(), restored when it returns
+        self.flag = flag if flag is not None else PreemptionFlag()   # train.py installs it before start-up
         self.rank, self.world_size, local_rank = distributed_info()
         validate_config(cfg, self.world_size)
         self.micro_per_step = self._microbatches_per_step(cfg)
         self.mp_size = cfg.parallel.model_parallel_size
         self.run_dir = Path(cfg.output_dir) / cfg.name
+        self.lock = RunLock(self.run_dir) if self.rank == 0 else None   # before anything reads or writes it
+        if self.rank == 0:
+            check_writable(self.run_dir / "checkpoints")
         self.runtime: TrainingRuntime | None = TrainingRuntime(cfg, resolve_device(cfg.train, local_rank))
         env = self.runtime.env
         self.rank, self.dp_rank, self.dp_size, self.device = env.rank, env.dp_rank, env.dp, env.device
@@ -87,7 +96,7 @@ class Trainer:
         seed_everything(cfg.train.seed + self.rank)
 
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.train.checkpoint.keep_last)
-        resume_from = self._resume_path()
+        resume_from = self._resume_candidates()
         # a resumed run takes every weight from its checkpoint: reading the MAGI-1 release again would be wasted
         init_from = None if resume_from else cfg.train.init_from
         self.model = self.runtime.build_model(cfg, init_from)
@@ -117,10 +126,10 @@ class Trainer:
         self.step = 0
         self.last_saved_step = -1
         self.peak_flops = peak_flops_per_second(self.device, cfg.train.peak_tflops)
+        if resume_from:   # checked and loaded before config.yaml is written or anything pruned
+            path = load_newest_loadable(resume_from, self.load_checkpoint, fallback=cfg.resume == "auto")
+            log.info("resumed from %s at step %d", path, self.step)
         self._prepare_run_dir()
-        if resume_from is not None:
-            self.load_checkpoint(resume_from)
-            log.info("resumed from %s at step %d", resume_from, self.step)
 
     # ------------------------------------------------------------------ setup
     @staticmethod
@@ -149,17 +158,20 @@ class Trainer:
             dist.barrier()
         self.checkpoints.clean_leftovers()
 
-    def _resume_path(self) -> Path | None:
+    def _resume_candidates(self) -> list[Path]:
+        """The checkpoints to resume from, newest first (resume=auto falls back to older ones)."""
         resume = self.cfg.resume
         if resume == "none":
             if self.checkpoints.complete_steps():
                 raise ValueError(f"resume: {self.checkpoints.directory} already holds checkpoints; pass resume=auto "
                                  f"to continue that run or choose another name=")
-            return None
-        path = self.checkpoints.latest() if resume == "auto" else Path(resume)
-        if path is not None and not (path / ".metadata").is_file():
+            return []
+        if resume == "auto":
+            return [self.checkpoints.directory / step_dir_name(s) for s in reversed(self.checkpoints.complete_steps())]
+        path = Path(resume)
+        if not (path / ".metadata").is_file():
             raise ValueError(f"resume: {path} is not a complete checkpoint directory (no .metadata)")
-        return path
+        return [path]
 
     # ------------------------------------------------------------------ state
     def _state(self) -> dict:
@@ -178,7 +190,10 @@ class Trainer:
         hook = None
         if stall and int(stall) == self.step:
             hook = lambda tmp: _stall(self.run_dir / f"stalled_in_save_{self.step}", None)  # noqa: E731
-        path = self.checkpoints.save(self.step, self._state(), before_rename=hook)
+        state = self._state()
+        path = guarded_save(lambda: self.checkpoints.save(self.step, state, before_rename=hook),
+                            self.checkpoints.directory, self.step, state, self.checkpoints.latest(),
+                            self.checkpoints.clean_leftovers)
         self.last_saved_step = self.step
         return path
 
@@ -197,10 +212,12 @@ class Trainer:
         for key, present in saved.items():
             if key in state and not present:
                 state.pop(key)
+        fitted = fit_to_checkpoint(path, state, self.cfg.train.resume_partial, same_format=not one_process,
+                                   model_cfg=dataclasses.asdict(self.cfg.model))
         if one_process:
             load_one_process_checkpoint(path, state)
         else:
-            CheckpointManager.load(path, state)
+            CheckpointManager.load(path, state, allow_partial=fitted.partial)
         after_load(self.model, self.optimizer)   # pipeline-shared copies take the loaded first copy
         self.scheduler.load_state_dict(unpack_rank_state(state["scheduler"]))
         restore_lr(self.optimizer, self.scheduler)
@@ -233,9 +250,10 @@ class Trainer:
 
     def train_step(self) -> dict:
         cfg = self.cfg.train
-        micro, flops, tokens, samples = [], 0.0, 0, 0
+        micro, flops, tokens, samples, keys = [], 0.0, 0, 0, []
         for m in range(self.micro_per_step):
             batch = self._next_batch()
+            keys += list(batch.get("key", ()))
             g = microbatch_generator(cfg.seed, self.step, m, self.dp_rank, self.dp_size, self.device)
             micro.append(self.objective.prepare(batch, g, self.step))
             B, _, T, H, W = batch["latent"].shape
@@ -254,7 +272,8 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         skipped = not math.isfinite(grad_norm)
         if skipped:
-            log.warning("step %d: non-finite gradient norm, update skipped", self.step + 1)
+            log.warning("step %d: non-finite gradient norm, update skipped (samples: %s)", self.step + 1,
+                        ", ".join(map(str, keys)) or "synthetic")
             self.optimizer.zero_grad(set_to_none=True)
         else:
             self.optimizer.step()
@@ -294,7 +313,10 @@ class Trainer:
         return self.runtime.export(self.ema if c.export_ema else None, out, c.export_dtype)
 
     def close(self) -> None:
-        """Tear down the process groups of a parallel run (nothing for one process)."""
+        """Release the run directory and the signal handlers; tear down the process groups of a parallel run."""
+        self.flag.restore()
+        if self.lock is not None:
+            self.lock.release()
         if self.runtime is not None:
             self.runtime.close()
             self.runtime = None
@@ -302,34 +324,36 @@ class Trainer:
     def fit(self) -> int:
         cfg = self.cfg.train
         logger = MetricsLogger(self.run_dir, self.cfg, self.rank, self.step, config_as_dict(self.cfg))
-        self.flag = PreemptionFlag()
+        divergence = DivergenceGuard(cfg.max_nonfinite_steps)
         logger.write_line(f"{self.cfg.name}: {self.num_params / 1e6:.2f}M parameters "
                           f"({self.num_trainable / 1e6:.2f}M trained), device {self.device}, "
                           f"precision {self.amp_dtype or torch.float32}, from step {self.step}, run dir {self.run_dir}")
         try:
             while self.step < cfg.max_steps:
                 if self.flag.agreed(self.device):
-                    if self.last_saved_step != self.step:
+                    saved = self.step > 0 and self.last_saved_step != self.step and divergence.healthy
+                    if saved:
                         self.save_checkpoint()
-                    logger.write_line(f"stop signal {self.flag.signum}: checkpoint of step {self.step} written, "
-                                      f"exiting")
+                    logger.write_line(self.flag.stop_line(self.step, saved))
                     return 0
                 t0 = time.perf_counter()
                 metrics = self.train_step()
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 logger.log(self.step, self._rates(metrics, time.perf_counter() - t0))
+                divergence.after_step(self.step, not metrics["skipped"] and math.isfinite(metrics["loss"]),
+                                      self.last_saved_step)
                 if self._due(cfg.validation.every_steps) and self.val_batches:
                     logger.log(self.step, validate(self.model, self.val_batches, cfg.flow, self.cfg.model.chunk_width,
                                                    cfg.validation.t_values, cfg.validation.seed, self.device,
                                                    self.amp_dtype), kind="val")
-                if self._due(cfg.checkpoint.every_steps):
+                if divergence.should_save(self._due(cfg.checkpoint.every_steps)):
                     self.save_checkpoint()
-                if self._due(cfg.checkpoint.export_every_steps):
+                if self._due(cfg.checkpoint.export_every_steps) and divergence.healthy:
                     self.export()
-            if cfg.checkpoint.save_at_end and self.last_saved_step != self.step:
+            if cfg.checkpoint.save_at_end and self.last_saved_step != self.step and divergence.healthy:
                 self.save_checkpoint()
-            if cfg.checkpoint.export_at_end:
+            if cfg.checkpoint.export_at_end and divergence.healthy:
                 where = self.export()
                 if where is not None:
                     logger.write_line(f"exported MAGI-1 weights to {where}")
@@ -337,6 +361,8 @@ class Trainer:
         finally:
             logger.close()
             self.flag.restore()
+            if self.lock is not None:
+                self.lock.release()
 
 
 __all__ = ["Trainer", "distributed_info", "data_parallel_coords", "FAULT_STALL_STEP", "FAULT_STALL_SAVE"]

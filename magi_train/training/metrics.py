@@ -14,7 +14,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .run_errors import RunStopped
+
 log = logging.getLogger("magi_train")
+
+
+class MetricsWriteError(RunStopped):
+    exit_code = 4
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -50,7 +56,10 @@ class MetricsLogger:
         self.max_steps = cfg.train.max_steps
         self.log_every = cfg.train.log_every
         self.enabled = rank == 0
-        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1) if self.enabled else None
+        self.path = self.run_dir / "metrics.jsonl"
+        if self.enabled:   # a resumed run redoes the steps after its checkpoint: their old records go
+            truncate_after(self.path, start_step)
+        self._jsonl = open(self.path, "a", buffering=1) if self.enabled else None
         self.bar = None
         if self.enabled and cfg.train.progress_bar:
             self.bar = tqdm(total=self.max_steps, initial=start_step, desc=cfg.name, dynamic_ncols=True,
@@ -89,7 +98,10 @@ class MetricsLogger:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
         record = {"step": step, "kind": kind, "time": time.time(), **clean}
-        self._jsonl.write(json.dumps(record) + "\n")
+        try:
+            self._jsonl.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise MetricsWriteError(f"metrics: cannot write {self.path} ({e.strerror or e})") from None
         if self.wandb is not None:
             try:
                 self.wandb.log({f"{kind}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
@@ -119,9 +131,38 @@ class MetricsLogger:
                 pass
 
 
+def truncate_after(path: Path, step: int) -> int:
+    """Keep the records of steps <= `step` (and no torn last line) in metrics.jsonl, so that a run resumed from
+    the checkpoint of `step` writes each later step once; returns how many records were dropped. The file is
+    rewritten to a temporary and renamed: a kill in the middle leaves the old or the new file, never half."""
+    if not path.is_file():
+        return 0
+    kept, dropped, unterminated = [], 0, False
+    with open(path) as f:
+        for line in f:
+            unterminated = not line.endswith("\n")
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                dropped += 1
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] > step:
+                dropped += 1
+            else:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    if dropped or unterminated:
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return dropped
+
+
 def read_metrics(path: str | os.PathLike, kind: str = "train") -> dict[int, dict]:
-    """metrics.jsonl -> {step: record}, the last record of each step winning (a resumed run rewrites steps after
-    its checkpoint); a torn last line (killed process) is ignored."""
+    """metrics.jsonl -> {step: record} (a resumed run has dropped the records after its checkpoint, so each step
+    appears once; the last record wins all the same); a torn last line (killed process) is ignored."""
     out = {}
     with open(path) as f:
         for line in f:
@@ -134,4 +175,4 @@ def read_metrics(path: str | os.PathLike, kind: str = "train") -> dict[int, dict
     return out
 
 
-__all__ = ["MetricsLogger", "read_metrics", "format_line", "peak_memory_gib"]
+__all__ = ["MetricsLogger", "MetricsWriteError", "truncate_after", "read_metrics", "format_line", "peak_memory_gib"]

@@ -2,20 +2,19 @@
 
 The handler only sets a flag; the loop finishes its current step, writes a checkpoint and returns, so no
 checkpoint is ever written from inside a signal handler. With several ranks the flag is agreed on with an
-all-reduce (MAX) so that every rank stops at the same step."""
+all-reduce (MAX) so that every rank stops at the same step. The entry point installs the flag before any
+start-up work (imports, model build, resume), so a signal during start-up also ends in a clean exit 0 with a
+line saying so, instead of death by signal; torch is imported only when the flag is first agreed on."""
 from __future__ import annotations
 
 import signal
-
-import torch
-import torch.distributed as dist
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class PreemptionFlag:
-    def __init__(self, signals=STOP_SIGNALS):
-        self.signum: int | None = None
+    def __init__(self, signals=STOP_SIGNALS, received: int | None = None):
+        self.signum: int | None = received   # a signal caught before this flag existed (train.py)
         self._previous = {}
         for s in signals:
             self._previous[s] = signal.signal(s, self._handle)
@@ -27,17 +26,29 @@ class PreemptionFlag:
     def requested(self) -> bool:
         return self.signum is not None
 
-    def agreed(self, device: torch.device) -> bool:
+    def agreed(self, device) -> bool:
         """True when any rank received a stop signal (collective when distributed)."""
+        import torch
+        import torch.distributed as dist
+
         if not dist.is_initialized():
             return self.requested
         flag = torch.tensor([1 if self.requested else 0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
+    def stop_line(self, step: int, saved: bool) -> str:
+        """The line the loop prints when it stops on the signal."""
+        if saved:
+            return f"stop signal {self.signum}: checkpoint of step {step} written, exiting"
+        if step == 0:
+            return f"stop signal {self.signum} during start-up: no step taken, nothing to save, exiting"
+        return f"stop signal {self.signum}: the checkpoint of step {step} is the latest, nothing new to save, exiting"
+
     def restore(self) -> None:
         for s, h in self._previous.items():
             signal.signal(s, h)
+        self._previous = {}
 
 
 __all__ = ["PreemptionFlag", "STOP_SIGNALS"]
