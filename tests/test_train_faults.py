@@ -215,7 +215,7 @@ def test_a_write_that_runs_out_of_space_is_one_line_naming_the_need(tmp_path):
 import torch
 from pathlib import Path
 from magi_train.training.checkpoint import CheckpointManager
-from magi_train.training.disk_guard import CheckpointWriteError, guarded_save
+from magi_train.checkpoint.disk_space import CheckpointWriteError, guarded_save
 d = Path({str(fs)!r}) / "checkpoints"
 d.mkdir()
 mgr = CheckpointManager(d)

@@ -8,4 +8,7 @@ and parallel packages can use them without import cycles):
   sharded.py         canonical (global) views of any layout's tensors; export to MAGI-1 safetensors from any layout
   magi_format.py     MAGI-1's release format: state-dict names, layouts, shards, the fp8 format
   release_reader.py  a MAGI-1 checkpoint read one tensor at a time (for any layout), and the weights one process
-                     draws without a checkpoint"""
+                     draws without a checkpoint
+  fit_check.py       a checkpoint checked against the model and the run's config before a resume writes anything
+  fallback.py        resume=auto falls back to the newest complete checkpoint that loads
+  disk_space.py      writability and free space before a save; ENOSPC as one line"""

@@ -5,7 +5,7 @@ While a streak of non-finite steps is on, periodic checkpoints and exports wait 
 at the next finite step), so nothing newer than the last finite checkpoint is ever written or exported."""
 from __future__ import annotations
 
-from .run_errors import RunStopped
+from magi_train.errors import RunStopped
 
 
 class Diverged(RunStopped):

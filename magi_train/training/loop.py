@@ -36,8 +36,8 @@ from magi_train.parallel import forward_backward
 from .build import autocast_dtype, build_train_loader, build_validation_batches, resolve_device
 from magi_train.checkpoint.manager import (CheckpointManager, pack_rank_state, rank_key, rng_state, set_rng_state,
                                            step_dir_name, unpack_rank_state)
-from .checkpoint_fallback import load_newest_loadable
-from .disk_guard import check_writable, guarded_save
+from magi_train.checkpoint.fallback import load_newest_loadable
+from magi_train.checkpoint.disk_space import check_writable, guarded_save
 from .divergence_guard import DivergenceGuard
 from .ema import EMA
 from .flops import peak_flops_per_second, train_flops
@@ -46,7 +46,7 @@ from magi_train.checkpoint.training_state import (FORMAT, data_key, has_entry, i
 from .metrics import MetricsLogger, peak_memory_gib
 from .optim import build_lr_scheduler, build_optimizer
 from .preemption import PreemptionFlag
-from .resume_guard import fit_to_checkpoint
+from magi_train.checkpoint.fit_check import fit_to_checkpoint
 from .run_lock import RunLock
 from .runtime import TrainingRuntime, data_parallel_coords
 from .seeding import microbatch_generator, seed_everything

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .run_errors import RunStopped
+from magi_train.errors import RunStopped
 
 log = logging.getLogger("magi_train")
 

@@ -13,11 +13,7 @@ import json
 import os
 import time
 
-
-class RunStopped(RuntimeError):
-    """Base of the faults above; the message is the one line the user sees."""
-
-    exit_code = 1
+from magi_train.errors import RunStopped   # the faults' base class; its subclasses carry the codes above
 
 
 def tell_launcher(line: str) -> None:

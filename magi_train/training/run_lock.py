@@ -14,7 +14,7 @@ import os
 import socket
 from pathlib import Path
 
-from .run_errors import RunStopped
+from magi_train.errors import RunStopped
 
 log = logging.getLogger("magi_train")
 LOCK_NAME = ".lock"

@@ -17,7 +17,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from .run_errors import RunStopped
+from magi_train.errors import RunStopped
 
 log = logging.getLogger("magi_train")
 MODEL = "model."

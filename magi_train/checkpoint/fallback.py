@@ -5,7 +5,7 @@ A checkpoint directory is complete once renamed (checkpoint.py), but its files c
 every file it lists must exist and be long enough for the bytes it records. One that fails, or whose load
 fails, is renamed to `damaged-step_XXXXXXXX` (never deleted: the user may want it; pruning and `latest()`
 no longer see it) with one line naming the file and why, and the next older one is tried. A checkpoint
-that is intact but does not fit the model (resume_guard.ResumeMismatch) stops the run instead: an older
+that is intact but does not fit the model (fit_check.ResumeMismatch) stops the run instead: an older
 checkpoint of the same run would not fit either."""
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 
-from .run_errors import RunStopped
+from magi_train.errors import RunStopped
 
 log = logging.getLogger("magi_train")
 DAMAGED_PREFIX = "damaged-"

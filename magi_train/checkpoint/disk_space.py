@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 
-from .run_errors import RunStopped
+from magi_train.errors import RunStopped
 
 MARGIN = 1.05          # DCP metadata and pickled entries beside the tensors
 SLACK = 1 << 20
