@@ -214,7 +214,7 @@ def test_a_write_that_runs_out_of_space_is_one_line_naming_the_need(tmp_path):
     code = f"""
 import torch
 from pathlib import Path
-from magi_train.training.checkpoint import CheckpointManager
+from magi_train.checkpoint.manager import CheckpointManager
 from magi_train.checkpoint.disk_space import CheckpointWriteError, guarded_save
 d = Path({str(fs)!r}) / "checkpoints"
 d.mkdir()
