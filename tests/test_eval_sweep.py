@@ -1,0 +1,103 @@
+"""python -m magi_eval --multirun over 2 checkpoints x 2 step counts of the embedded default's model on CPU: killed
+inside its second cell, rerun, only the missing cells run; the table has 4 rows and the plots exist. Bad
+checkpoints stop with one line."""
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from eval_fixture import make_eval_fixture
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def fx(tmp_path_factory):
+    return make_eval_fixture(tmp_path_factory.mktemp("eval"))
+
+
+def _env(**extra) -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **extra}
+
+
+def _cmd(fx, sweep: Path, *extra: str) -> list[str]:
+    a, b = fx["checkpoints"]
+    return [sys.executable, "-m", "magi_eval", "--multirun", f"checkpoint={a},{b}", "sampler.num_steps=2,4",
+            f"infer_config={fx['infer_config']}", f"clips.path={fx['clips']}", f"sweep_dir={sweep}",
+            "progress=false", *extra]
+
+
+def _complete(sweep: Path) -> dict[str, float]:
+    return {f.parent.name: json.loads(f.read_text())["finished"] for f in (sweep / "cells").glob("*/cell.json")
+            if not f.parent.name.startswith(".")}
+
+
+@pytest.mark.timeout(300)
+def test_interrupted_sweep_reruns_only_missing_cells(fx, tmp_path):
+    sweep = tmp_path / "sweep"
+    # first run: the second cell (step 10, 4 steps) stalls after writing its files, before its rename; kill it there
+    proc = subprocess.Popen(_cmd(fx, sweep), cwd=ROOT, env=_env(MAGI_FAULT_STALL_CELL="step_00000010_num_steps-4"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while not list((sweep / "cells").glob("stalled_*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.kill()
+    out = proc.communicate()[0]
+    assert list((sweep / "cells").glob("stalled_*")), out[-3000:]
+    first = _complete(sweep)
+    assert len(first) == 1 and "step_00000010_num_steps-2" in next(iter(first)), first
+    assert len(list((sweep / "cells").glob(".stage-*"))) == 1     # the killed cell: written but never renamed
+
+    again = subprocess.run(_cmd(fx, sweep), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count("complete, skipped") == 1
+    done = _complete(sweep)
+    assert len(done) == 4
+    name = next(iter(first))
+    assert done[name] == first[name]                              # the complete cell was not run again
+    assert not list((sweep / "cells").glob(".stage-*"))           # the torn one was redone and its staging removed
+
+    rows = list(csv.DictReader(open(sweep / "results.csv")))
+    assert len(rows) == 4
+    assert sorted((int(r["training_step"]), int(r["num_steps"])) for r in rows) == [(10, 2), (10, 4), (20, 2), (20, 4)]
+    for r in rows:
+        assert float(r["psnr_mean"]) > 0 and r["psnr_ci95"] and float(r["seconds_per_chunk"]) > 0
+        assert float(r["forwards_per_chunk"]) >= 1 and float(r["frames_per_second"]) > 0
+    table = (sweep / "results.md").read_text()
+    assert sum(1 for line in table.splitlines() if line.startswith("| step ")) == 4
+    for plot in ("metric_vs_num_steps.png", "metric_vs_training_step.png", "pareto.png", "grid.png"):
+        assert (sweep / plot).stat().st_size > 5000, plot
+    assert (sweep / "grid.mp4").stat().st_size > 1000
+    assert "fvd: skipped" in again.stdout
+
+    # the standalone aggregate over the same directory writes the same table
+    (sweep / "results.md").unlink()
+    agg = subprocess.run([sys.executable, "-m", "magi_eval.aggregate", str(sweep), "--quality", "traj_err_px"],
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert agg.returncode == 0, agg.stderr[-2000:]
+    assert (sweep / "results.md").read_text() == table
+
+
+def _one_line_error(fx, tmp_path, checkpoint, *extra):
+    proc = subprocess.run([sys.executable, "-m", "magi_eval", f"checkpoint={checkpoint}",
+                           f"infer_config={fx['infer_config']}", f"clips.path={fx['clips']}",
+                           f"sweep_dir={tmp_path / 'bad'}", "progress=false", *extra],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: checkpoint:"), proc.stderr
+    return lines[0]
+
+
+def test_missing_checkpoint_is_one_line(fx, tmp_path):
+    assert "does not exist" in _one_line_error(fx, tmp_path, tmp_path / "nope")
+
+
+def test_checkpoint_of_another_model_is_one_line(fx, tmp_path):
+    line = _one_line_error(fx, tmp_path, fx["checkpoints"][0], "infer_overrides=['model.hidden_size=64']")
+    assert "does not fit the model" in line and "hidden_size" in line
