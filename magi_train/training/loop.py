@@ -42,6 +42,7 @@ from .metrics import MetricsLogger, peak_memory_gib
 from .optim import build_lr_scheduler, build_optimizer
 from .preemption import PreemptionFlag
 from .parallel_runtime import ParallelRuntime, data_parallel_coords
+from .periodic_eval import build_periodic_eval
 from .seeding import microbatch_generator, seed_everything
 from .step import forward_backward
 from .validation import validate
@@ -121,6 +122,8 @@ class Trainer:
             log.warning("train.validation.every_steps=%d but there is no held-out data (data.val_shards): "
                         "no validation", v.every_steps)
 
+        self.periodic_eval = build_periodic_eval(cfg, self.run_dir, self.device, self.amp_dtype, self._encode,
+                                                 parallel=self.parallel is not None)
         self.loss_fn = FlowMatchingLoss()
         self.forward_backward = forward_backward   # same signature for every layout, pipelines included
         if self.parallel is not None:
@@ -398,6 +401,8 @@ class Trainer:
                     logger.log(self.step, validate(self.model, self.val_batches, cfg.flow, self.cfg.model.chunk_width,
                                                    cfg.validation.t_values, cfg.validation.seed, self.device,
                                                    self.amp_dtype), kind="val")
+                if self.periodic_eval is not None and self._due(cfg.evaluation.every_steps):
+                    self.periodic_eval(self.model, self.ema, self.step, logger)
                 if self._due(cfg.checkpoint.every_steps):
                     self.save_checkpoint()
                 if self._due(cfg.checkpoint.export_every_steps):
