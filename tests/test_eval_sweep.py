@@ -101,3 +101,20 @@ def test_missing_checkpoint_is_one_line(fx, tmp_path):
 def test_checkpoint_of_another_model_is_one_line(fx, tmp_path):
     line = _one_line_error(fx, tmp_path, fx["checkpoints"][0], "infer_overrides=['model.hidden_size=64']")
     assert "does not fit the model" in line and "hidden_size" in line
+
+
+@pytest.mark.timeout(300)
+def test_submitit_launcher_runs_each_cell_as_its_own_job(fx, tmp_path):
+    # submitit_local is submitit_slurm's stand-in on a machine without Slurm: each cell a separate job
+    # process, the progress and the aggregate in the launching process
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, "-m", "magi_eval", "--multirun", "hydra/launcher=submitit_local",
+                           "hydra.launcher.timeout_min=5", f"checkpoint={fx['checkpoints'][1]}",
+                           f"infer_config={fx['infer_config']}", f"clips.path={fx['clips']}", "clips.max_clips=1",
+                           f"sweep_dir={sweep}", "progress=false"], cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert len(_complete(sweep)) == 1
+    assert len(list(csv.DictReader(open(sweep / "results.csv")))) == 1
+    assert list((sweep / ".submitit").glob("*/*_log.out"))             # it ran as a submitit job
