@@ -29,7 +29,7 @@ from magi_train.data.video_codec import write_video
 from magi_train.evaluation import copy_last_frame, mean_ci95, physics_iq_scores, score_continuation
 from magi_train.evaluation.image_metrics import psnr_per_frame, ssim_per_frame
 
-from .checkpoints import check_fits, resolve_checkpoint
+from .checkpoints import check_fits, load_training_weights, resolve_checkpoint
 from .clips import EvalClip, load_clips, scratch_dir
 from .config import EvalConfig
 
@@ -55,7 +55,7 @@ def cell_settings(cfg: EvalConfig) -> dict:
 def cell_name(settings: dict) -> str:
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     ckpt = Path(settings["checkpoint"])
-    parts = [f"{ckpt.parent.name}-{ckpt.name}" if ckpt.parent.name == "export" else ckpt.name]
+    parts = [f"{ckpt.parent.name}-{ckpt.name}" if ckpt.parent.name in ("export", "checkpoints") else ckpt.name]
     parts += [f"{k}-{v}" for k, v in settings["sampler"].items()] + list(settings["infer_overrides"])
     slug = re.sub(r"[^A-Za-z0-9.=-]+", "_", "_".join(parts))[:80]
     return f"{slug}_{digest}"
@@ -80,7 +80,8 @@ def run_cell(cfg: EvalConfig) -> Path:
     P, F = cfg.clips.prefix_frames, cfg.clips.num_frames
     infer = load_infer_config(cfg.infer_config, {**_pairs(cfg.infer_overrides),
                                                  **{f"sampler.{k}": v for k, v in settings["sampler"].items()},
-                                                 "load": str(ckpt.path), "prefix_frames": P, "num_frames": F})
+                                                 "load": str(ckpt.path) if ckpt.kind == "magi" else None,
+                                                 "prefix_frames": P, "num_frames": F})
     check_fits(ckpt, infer.model, cfg.infer_config)
     runner, rank, env = _build_runner(infer, ckpt, cfg.infer_config)
     try:
@@ -111,12 +112,21 @@ def _pairs(items: list[str]) -> dict:
 
 def _build_runner(infer, ckpt, infer_config: str):
     from magi_infer.distributed import build_parallel_model, needs_parallel, setup_parallel
-    from magi_infer.runner import MagiRunner, resolve_dtype
+    from magi_infer.runner import MagiRunner, resolve_device, resolve_dtype
+    from magi_train.model import build_dit
     from magi_train.model.checkpoint_io import CheckpointMismatch
 
     model, rank, env = None, 0, None
     try:
-        if needs_parallel(infer):
+        if ckpt.kind == "training":   # DCP weights go into a model built here; magi_infer's `load` reads MAGI-1's
+            if needs_parallel(infer):
+                raise ValueError(f"checkpoint: {ckpt.path} is a training checkpoint, read in one process; export it "
+                                 f"(train.checkpoint.export_every_steps) for sharded inference")
+            device = resolve_device(infer)
+            model = build_dit(infer.model, device="cpu", dtype=resolve_dtype(infer, device))
+            load_training_weights(model, ckpt)
+            model = model.to(device).eval()
+        elif needs_parallel(infer):
             env = setup_parallel(infer)
             rank = env.rank
             if infer.device == "auto":

@@ -118,3 +118,33 @@ def test_submitit_launcher_runs_each_cell_as_its_own_job(fx, tmp_path):
     assert len(_complete(sweep)) == 1
     assert len(list(csv.DictReader(open(sweep / "results.csv")))) == 1
     assert list((sweep / ".submitit").glob("*/*_log.out"))             # it ran as a submitit job
+
+
+@pytest.mark.timeout(300)
+def test_training_checkpoint_scores_as_its_export(fx, tmp_path, one_thread):
+    # a DCP training checkpoint is read for its EMA weights: the same model as the float32 EMA export beside it
+    import dataclasses
+
+    from magi_train.training import Trainer
+    from magi_train.training.config_loading import load_config
+
+    cfg = load_config(["experiment=smoke", f"output_dir={tmp_path}", "train.max_steps=2", "train.progress_bar=false",
+                       "train.checkpoint.every_steps=2", "train.checkpoint.export_dtype=float32",
+                       "train.validation.every_steps=0"])
+    assert Trainer(cfg).fit() == 0
+    run = tmp_path / "smoke"
+    infer = tmp_path / "infer.json"
+    infer.write_text(json.dumps({"model": dataclasses.asdict(cfg.model), "video_size_h": 32, "video_size_w": 32,
+                                 "fps": 8, "num_steps": 2, "window_size": 2, "cfg_number": 1,
+                                 "noise2clean_kvrange": [], "temporal_downsample_factor": 1, "device": "cpu"}))
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, "-m", "magi_eval", "--multirun",
+                           f"checkpoint={run / 'checkpoints' / 'step_00000002'},{run / 'export' / 'step_00000002'}",
+                           f"infer_config={infer}", f"clips.path={fx['clips']}", f"sweep_dir={sweep}",
+                           "progress=false"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cells = [json.loads(f.read_text()) for f in sorted((sweep / "cells").glob("[!.]*/cell.json"))]
+    assert len(cells) == 2 and {c["training_step"] for c in cells} == {2}
+    a, b = (c["per_clip"] for c in cells)
+    for x, y in zip(a, b, strict=True):
+        assert x == pytest.approx(y, rel=1e-4)
