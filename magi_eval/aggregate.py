@@ -203,15 +203,26 @@ def grid(cells: list[dict], sweep_dir: Path) -> list[Path]:
     out = [write_video(sweep_dir / "grid.mp4", video, fps)]
     P = first["settings"]["clips"]["prefix_frames"]
     picks = sorted({min(T - 1, i) for i in (P - 1, P, P + (T - P) // 3, P + 2 * (T - P) // 3, T - 1)})
-    still = np.concatenate([np.concatenate([r[i] for i in picks], axis=1) for r in rows_], axis=0)
+    labels = ["truth"] + [f"{c['checkpoint_label']} " + " ".join(f"{k}={v}" for k, v in c["settings"]["sampler"].items())
+                          for c in same]
+    still = np.concatenate([np.concatenate([_label(text, r.shape[1])] + [r[i] for i in picks], axis=1)
+                            for text, r in zip(labels, rows_)], axis=0)
     from PIL import Image
 
     Image.fromarray(still).save(sweep_dir / "grid.png")
     out.append(sweep_dir / "grid.png")
-    (sweep_dir / "grid_rows.txt").write_text("truth\n" + "\n".join(
-        f"{c['checkpoint_label']} " + " ".join(f"{k}={v}" for k, v in c["settings"]["sampler"].items()) for c in same)
-        + f"\nframes in grid.png: {picks} (prefix ends at frame {P - 1})\n")
+    (sweep_dir / "grid_rows.txt").write_text("\n".join(labels) + f"\nframes in grid.png: {picks} (the prefix ends at "
+                                                                  f"frame {P - 1})\n")
     return out
+
+
+def _label(text: str, height: int, width: int = 200) -> np.ndarray:
+    """A dark panel with the row's name (PIL's built-in font)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height), (20, 20, 20))
+    ImageDraw.Draw(img).text((4, max(0, height // 2 - 6)), text[:34], fill=(230, 230, 230))
+    return np.asarray(img)
 
 
 def aggregate(sweep_dir: Path, quality: str | None = None) -> dict:

@@ -26,8 +26,8 @@ BAD_INPUT = (ConfigError, ValueError, FileNotFoundError, KeyError)
 
 
 def _fail(e: Exception) -> None:
-    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-    print(f"error: {msg.strip(chr(39)).strip(chr(34))}", file=sys.stderr, flush=True)
+    msg = (e.args[0] if isinstance(e, KeyError) and e.args else str(e)) or type(e).__name__
+    print(f"error: {str(msg).splitlines()[0]}", file=sys.stderr, flush=True)
     raise SystemExit(2)
 
 
