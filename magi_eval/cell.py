@@ -74,6 +74,9 @@ def run_cell(cfg: EvalConfig) -> Path:
     if is_complete(final):
         print(f"[magi_eval] cell {name}: complete, skipped", flush=True)
         return final
+    if not cfg.in_shard(name):
+        print(f"[magi_eval] cell {name}: shard {cfg.shard} leaves it to another process", flush=True)
+        return final
     ckpt = resolve_checkpoint(cfg.checkpoint)
     from magi_infer.config import load_infer_config
 

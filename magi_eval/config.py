@@ -47,13 +47,23 @@ class EvalConfig:
     fvd: FVDConfig = field(default_factory=FVDConfig)
     sweep_dir: str = "runs/eval"  # cells/<cell>/ per cell, results.csv / results.md / plots / grid.mp4 beside
     videos: int = 1               # clips of which a cell keeps its continuation as mp4 (the grid video uses the first)
+    shard: str = "0/1"            # i/N: run only the cells whose name hashes to i of N (one sweep process per GPU)
     progress: bool = True
 
     def __post_init__(self) -> None:
         check(isinstance(self.videos, int) and self.videos >= 1, "videos", f"must be an integer >= 1, got {self.videos!r}")
+        parts = str(self.shard).split("/")
+        ok = len(parts) == 2 and all(p.isdigit() for p in parts) and int(parts[0]) < int(parts[1])
+        check(ok, "shard", f"must be i/N with 0 <= i < N, e.g. 0/4, got {self.shard!r}")
         known = set(sampler_keys())
         for k in self.sampler:
             check(k in known, f"sampler.{k}", f"unknown key; accepted: {', '.join(sorted(known))}")
+
+    def in_shard(self, cell_name: str) -> bool:
+        import zlib
+
+        i, n = map(int, str(self.shard).split("/"))
+        return zlib.crc32(cell_name.encode()) % n == i
 
     def sampler_overrides(self) -> dict[str, Any]:
         return {k: v for k, v in sorted(self.sampler.items()) if v is not None}

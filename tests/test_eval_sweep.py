@@ -148,3 +148,19 @@ def test_training_checkpoint_scores_as_its_export(fx, tmp_path, one_thread):
     a, b = (c["per_clip"] for c in cells)
     for x, y in zip(a, b, strict=True):
         assert x == pytest.approx(y, rel=1e-4)
+
+
+def test_shards_split_the_cells_between_processes(fx, tmp_path):
+    # one sweep process per GPU: shard=i/N runs the cells hashing to i; together they run each cell once
+    sweep = tmp_path / "sweep"
+    first = subprocess.run(_cmd(fx, sweep, "shard=0/2"), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                           timeout=240)
+    assert first.returncode == 0, first.stderr[-3000:]
+    mine = _complete(sweep)
+    assert first.stdout.count("leaves it to another process") == 4 - len(mine)
+    second = subprocess.run(_cmd(fx, sweep, "shard=1/2"), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                            timeout=240)
+    assert second.returncode == 0, second.stderr[-3000:]
+    done = _complete(sweep)
+    assert len(done) == 4 and all(done[k] == v for k, v in mine.items())
+    assert second.stdout.count("complete, skipped") == len(mine)
