@@ -7,7 +7,7 @@
   4. latents + caption embeddings (offline hash encoder)     python -m data_tools.precompute
   5. tiny DiT trained with experiment=quickstart             python -m magi_train.train
   6. T2V from a caption, V2V continuation of a held-out clip python -m magi_infer
-  7. V2V evaluation vs copy-last-frame                       python -m magi_train.evaluate
+  7. V2V evaluation vs copy-last-frame                       python -m magi_eval
 
 Every stage whose output already exists is skipped, so a crashed run continues where it stopped.
     python scripts/quickstart.py [--run-dir runs/quickstart] [--long | --fast]
@@ -145,17 +145,20 @@ def main(argv=None) -> int:
            "--prefix_video_path", str(world / "val" / "val-000000.mp4"),
            "--output_path", str(videos / "v2v_val-000000.mp4")], timings)
     stage("evaluate", None,
-          [PY, "-m", "magi_train.evaluate", "--config_file", str(infer_cfg), "--clips", str(world / "val"),
-           "--prefix_frames", str(PREFIX), "--num_frames", str(FUTURE), "--max_clips", str(b.eval_clips),
-           "--out", str(run / "eval")], timings)
+          [PY, "-m", "magi_eval", f"checkpoint={latest_export(run)}", f"infer_config={infer_cfg}",
+           f"clips.path={world / 'val'}", f"clips.prefix_frames={PREFIX}", f"clips.num_frames={FUTURE}",
+           f"clips.max_clips={b.eval_clips}", f"sweep_dir={run / 'eval'}", "videos=2", "progress=false"], timings)
 
-    summary = json.loads((run / "eval" / "summary.json").read_text())
+    cell = next(c for c in map(json.loads, map(Path.read_text, (run / "eval" / "cells").glob("[!.]*/cell.json")))
+                if c["checkpoint"] == str(latest_export(run).resolve()))
+    summary = {m: {k: v["mean"] for k, v in cell[key].items()} for m, key in
+               (("model", "metrics"), ("copy_last_frame", "baseline_copy_last_frame"), ("ground_truth", "ground_truth"))}
     total = time.perf_counter() - t_start
     report = {"run_dir": str(run), "seconds_total": round(total, 1),
               "seconds_per_stage": {k: round(v, 1) for k, v in timings.items()},
               "videos": sorted(str(p) for p in videos.glob("*.mp4")) + sorted(str(p) for p in (run / "eval").glob("*.mp4")),
-              "scores": summary, "scores_csv": str(run / "eval" / "scores.csv"),
-              "plot": str(run / "eval" / "error_vs_time.png"), "weights": str(latest_export(run))}
+              "scores": summary, "scores_csv": str(run / "eval" / "results.csv"),
+              "plot": str(run / "eval" / "grid.png"), "weights": str(latest_export(run))}
     (run / "summary.json").write_text(json.dumps(report, indent=1))
     print("\n==================== quickstart summary ====================")
     print(f"run directory     {run}")
@@ -163,9 +166,7 @@ def main(argv=None) -> int:
     for v in report["videos"]:
         print(f"video             {v}")
     print(f"scores            {report['scores_csv']}   plot {report['plot']}")
-    from magi_train.evaluate import format_table
-
-    print(format_table(summary))
+    print((run / "eval" / "results.md").read_text())
     return 0
 
 

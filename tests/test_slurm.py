@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = {"train": "magi_train.train", "distill": "magi_train.distill", "eval": "magi_train.evaluate",
+MODULES = {"train": "magi_train.train", "distill": "magi_train.distill", "eval": "magi_eval",
            "infer": "magi_infer"}
 
 

@@ -160,6 +160,31 @@ class ValidationConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """Generation inside training (magi_train/training/periodic_eval.py): continuations of held-out clips with the
+    EMA weights, scored against the truth; sweeps over exported checkpoints are python -m magi_eval."""
+
+    every_steps: int = 0                  # 0 = off; one-process training only
+    clips: int = 2                        # held-out samples continued (the first ones, the same at every evaluation)
+    prefix_chunks: int = 1                # clean chunks given; the following ones are generated one after another
+    num_steps: int = 8                    # Euler steps per generated chunk (the sampler's time grid)
+    shift: float = 3.0                    # the grid's shift (MAGI-1: 3)
+    seed: int = 0                         # noise of the generated chunks, the same at every evaluation
+    video: bool = True                    # keep the first clip (truth | generated) as mp4; needs encoders.vae.path
+    fps: int = 8                          # frame rate of that mp4 (latent shards do not record one)
+
+    def __post_init__(self) -> None:
+        p = "train.evaluation"
+        _int(self.every_steps, f"{p}.every_steps", 0)
+        _int(self.clips, f"{p}.clips")
+        _int(self.prefix_chunks, f"{p}.prefix_chunks")
+        _int(self.num_steps, f"{p}.num_steps")
+        check(self.shift >= 1, f"{p}.shift", f"must be >= 1, got {self.shift}")
+        _int(self.seed, f"{p}.seed", 0)
+        _int(self.fps, f"{p}.fps")
+
+
+@dataclass
 class TrainConfig:
     seed: int = 1234
     objective: str = "flow_matching"      # what a step trains: a name of magi_train.objectives.OBJECTIVES
@@ -186,6 +211,7 @@ class TrainConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self) -> None:
@@ -208,4 +234,4 @@ class TrainConfig:
 
 
 __all__ = ["TrainConfig", "FlowMatchingConfig", "OptimizerConfig", "ScheduleConfig", "EMAConfig", "CheckpointConfig",
-           "WandbConfig", "ValidationConfig"]
+           "WandbConfig", "ValidationConfig", "EvaluationConfig"]

@@ -47,6 +47,7 @@ from .metrics import MetricsLogger, peak_memory_gib
 from .optim import build_lr_scheduler, build_optimizer
 from .preemption import PreemptionFlag
 from magi_train.checkpoint.fit_check import fit_to_checkpoint
+from .periodic_eval import build_periodic_eval
 from .run_lock import RunLock
 from .runtime import TrainingRuntime, data_parallel_coords
 from .seeding import microbatch_generator, seed_everything
@@ -122,6 +123,8 @@ class Trainer:
                         "no validation", v.every_steps)
 
         self.objective = build_objective(cfg, self.runtime, self.model)
+        self.periodic_eval = build_periodic_eval(cfg, self.run_dir, self.device, self.amp_dtype, self._encode,
+                                                 parallel=self.runtime.env.distributed or self.mp_size > 1)
         self.tbins = TBinStats(cfg.train.flow.t_bins)
         self.step = 0
         self.last_saved_step = -1
@@ -347,6 +350,8 @@ class Trainer:
                     logger.log(self.step, validate(self.model, self.val_batches, cfg.flow, self.cfg.model.chunk_width,
                                                    cfg.validation.t_values, cfg.validation.seed, self.device,
                                                    self.amp_dtype), kind="val")
+                if self.periodic_eval is not None and self._due(cfg.evaluation.every_steps):
+                    self.periodic_eval(self.model, self.ema, self.step, logger)
                 if divergence.should_save(self._due(cfg.checkpoint.every_steps)):
                     self.save_checkpoint()
                 if self._due(cfg.checkpoint.export_every_steps) and divergence.healthy:

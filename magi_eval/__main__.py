@@ -1,0 +1,3 @@
+from magi_eval.sweep import main
+
+main()
