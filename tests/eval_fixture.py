@@ -11,7 +11,7 @@ import yaml
 
 from data_tools.synthetic_world import WorldConfig, write_dataset
 from magi_train.model import build_dit
-from magi_train.model.checkpoint_io import save_magi_checkpoint
+from magi_train.checkpoint.magi_format import save_magi_checkpoint
 from magi_train.training.config_loading import load_config
 
 WORLD = WorldConfig(height=32, width=32, fps=8, num_frames=24, min_objects=1, max_objects=2)
