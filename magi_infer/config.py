@@ -22,6 +22,8 @@ from magi_train.diffusion.sampling import TIME_SCHEDULES, parse_shortcut_mode
 
 MODES = ("t2v", "i2v", "v2v")
 CFG_NUMBERS = (1, 2, 3)
+I2V_FRAME0 = ("release", "pinned")
+COMPILE = ("auto", "on", "off")
 
 
 @dataclass
@@ -41,6 +43,7 @@ class SamplerConfig:
     distill_nearly_clean_chunk_threshold: float = 0.3  # cfg 1: extra pass for an oldest chunk with t above it
     prev_chunks_scale: float = 0.7          # weight of the with-history velocity in that extra pass
     kv_offload: bool = False                # keep cached K/V in CPU memory
+    i2v_frame0: str = "release"             # release: image + v*dt of the last step, as MAGI-1 emits it; pinned: the image
 
     def __post_init__(self) -> None:
         for name in ("num_steps", "window_size"):
@@ -70,6 +73,7 @@ class SamplerConfig:
               f"must be a positive chunk count or -1, got {self.clean_chunk_kvrange}")
         check(0.0 < self.clean_t <= 1.0, "clean_t", f"must lie in (0, 1], got {self.clean_t}")
         check(0.0 <= self.prev_chunks_scale, "prev_chunks_scale", f"must be >= 0, got {self.prev_chunks_scale}")
+        check_choice(self.i2v_frame0, "i2v_frame0", I2V_FRAME0)
 
 
 @dataclass
@@ -94,9 +98,11 @@ class InferConfig:
     temporal_downsample_factor: int = 4
     special_tokens_path: Optional[str] = None   # .npz of MAGI-1 special tokens; absent: none are added
     special_tokens: Optional[list[str]] = None  # names to prepend; None: from PAD_* environment variables
+    negative_special_tokens: Optional[list[str]] = None  # before the null caption; None: MAGI-1's if NEG_PROMPT=1
     # --- execution ---
     device: str = "auto"                    # auto: cuda when available
     dtype: str = "auto"                     # auto: model.params_dtype on GPU, float32 on CPU
+    compile: str = "auto"                   # fuse the layers' fp32 islands with torch.compile; auto: on for CUDA
     frames_dir: Optional[str] = None        # also dump every frame as PNG here
     crf: int = 18                           # x264 quality of the streamed mp4
 
@@ -106,6 +112,9 @@ class InferConfig:
             check(isinstance(v, int) and not isinstance(v, bool) and v > 0, name, f"must be a positive integer, got {v!r}")
         check(self.scale_factor > 0, "scale_factor", f"must be > 0, got {self.scale_factor}")
         check_choice(self.dtype, "dtype", ("auto", "float32", "bfloat16"))
+        if isinstance(self.compile, bool):  # yaml reads on/off/true/false as booleans
+            self.compile = "on" if self.compile else "off"
+        check_choice(self.compile, "compile", COMPILE)
         if self.model.distill:
             check(self.sampler.cfg_number == 1, "cfg_number",
                   f"distilled models have guidance distilled in: set cfg_number 1, got {self.sampler.cfg_number}")
