@@ -23,7 +23,6 @@ from magi_train.diffusion.sampling import TIME_SCHEDULES, parse_shortcut_mode
 MODES = ("t2v", "i2v", "v2v")
 CFG_NUMBERS = (1, 2, 3)
 I2V_FRAME0 = ("release", "pinned")
-COMPILE = ("auto", "on", "off")
 
 
 @dataclass
@@ -102,7 +101,7 @@ class InferConfig:
     # --- execution ---
     device: str = "auto"                    # auto: cuda when available
     dtype: str = "auto"                     # auto: model.params_dtype on GPU, float32 on CPU
-    compile: str = "auto"                   # fuse the layers' fp32 islands with torch.compile; auto: on for CUDA
+    compile: Optional[bool] = None          # fuse the layers' fp32 islands with torch.compile; None: on for CUDA
     frames_dir: Optional[str] = None        # also dump every frame as PNG here
     crf: int = 18                           # x264 quality of the streamed mp4
 
@@ -112,9 +111,6 @@ class InferConfig:
             check(isinstance(v, int) and not isinstance(v, bool) and v > 0, name, f"must be a positive integer, got {v!r}")
         check(self.scale_factor > 0, "scale_factor", f"must be > 0, got {self.scale_factor}")
         check_choice(self.dtype, "dtype", ("auto", "float32", "bfloat16"))
-        if isinstance(self.compile, bool):  # yaml reads on/off/true/false as booleans
-            self.compile = "on" if self.compile else "off"
-        check_choice(self.compile, "compile", COMPILE)
         if self.model.distill:
             check(self.sampler.cfg_number == 1, "cfg_number",
                   f"distilled models have guidance distilled in: set cfg_number 1, got {self.sampler.cfg_number}")

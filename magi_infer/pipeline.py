@@ -25,6 +25,7 @@ class FinishedChunk:
     chunk: int                 # global chunk index in the latent video (prefix chunks included)
     frame_start: int           # global latent frame of latent[:, :, 0]
     latent: torch.Tensor       # [B, C, f, h, w]: the chunk's frames that belong to the output
+    ready_s: float | None = None  # time.perf_counter() when its decoded pixels reached the host (MagiRunner.frames)
 
 
 def set_null_caption_prefix(model, prefix: torch.Tensor | None) -> None:
