@@ -50,7 +50,7 @@ def resolve_compile(cfg: InferConfig, device: torch.device) -> bool:
 def describe_run(cfg: InferConfig, device: torch.device, dtype: torch.dtype) -> str:
     """The line the CLI starts with: what actually runs."""
     p = cfg.parallel
-    weights = "MAGI-1 fp8" if cfg.fp8_quant else str(dtype).replace("torch.", "")
+    weights = str(dtype).replace("torch.", "") + (" with MAGI-1 fp8 linears" if cfg.fp8_quant else "")
     return (f"magi_infer: attention {resolve_backend(cfg.model.attention_backend, device)}, dtype {weights}, "
             f"device {device}, layout tp{p.tp} cp{p.cp} pp{p.pp}, compile {'on' if resolve_compile(cfg, device) else 'off'}")
 
