@@ -10,7 +10,8 @@ dequantise; on CUDA torch._scaled_mm runs the e4m3 GEMM.
 Speed: written as separate tensor ops, the input's quantisation (cast to fp32, divide, clamp, cast to e4m3) makes
 four passes over an fp32 copy of the activation, about 21 bytes an element, which for fc2's input costs more than
 the fp8 GEMM saves (0.94x of bf16 measured). On CUDA the quantisation runs as one compiled kernel (bf16 in, e4m3
-out: 3 bytes an element) with the same arithmetic; see quantize_input."""
+out: 3 bytes an element) with the same arithmetic when the compiled islands are on (model/fused_ops.use_compiled,
+magi_infer's `compile` option, on by default for CUDA); see quantize_input."""
 from __future__ import annotations
 
 import functools
@@ -36,8 +37,11 @@ def _fused_to_e4m3():
 
 
 def quantize_input(x: torch.Tensor, divisor: torch.Tensor) -> torch.Tensor:
-    """[M, in] activation -> e4m3 with MAGI-1's rule: one fused kernel on CUDA, plain ops elsewhere."""
-    if x.is_cuda:
+    """[M, in] activation -> e4m3 with MAGI-1's rule: one fused kernel on CUDA with compiled islands on, else
+    plain ops (the CPU path dequantises anyway)."""
+    from magi_train.model.fused_ops import compiled_enabled
+
+    if x.is_cuda and compiled_enabled():
         return _fused_to_e4m3()(x, divisor)
     return _to_e4m3(x, divisor)
 
