@@ -37,6 +37,15 @@ def set_null_caption_prefix(model, prefix: torch.Tensor | None) -> None:
             m.null_caption_prefix = None if prefix is None else prefix.to(m.y_embedder.null_caption_embedding)
 
 
+def caption_keys(caption_mask: torch.Tensor, null_tokens: int) -> int:
+    """Caption tokens every pass needs: up to the last valid prompt token, and the null caption's first
+    null_tokens. The keys after it are masked off in every pass (MAGI-1 pads captions to 800 tokens, prompts use
+    tens), so cross-attention over only these gives the same result for a fraction of the work."""
+    valid = caption_mask.bool().flatten(0, -2).any(dim=0).nonzero()
+    last = int(valid[-1]) + 1 if len(valid) else 0
+    return min(caption_mask.shape[-1], max(last, null_tokens))
+
+
 def num_chunks_for(num_latent_frames: int, prefix_frames: int, chunk_width: int) -> int:
     """MAGI-1: the generated frames plus the prefix, rounded up to whole chunks."""
     return -(-(num_latent_frames + prefix_frames) // chunk_width)
@@ -78,11 +87,12 @@ class ChunkGenerator:
         self.schedule = window_schedule(num_chunks, sampler.window_size, sampler.num_steps, self.first_chunk)
         self.cache = InferenceKVCache(offload=sampler.kv_offload)
         set_null_caption_prefix(model, cond.null_prefix)
-        L = cond.caption.shape[2]
+        L = caption_keys(cond.caption_mask, cfg.null_caption_tokens)
         null_emb, null_mask = model.null_caption(B, self.first_chunk, L)
         # per global chunk: prefix chunks carry the null caption, generated chunks their prompt
-        self.caption = torch.cat([null_emb.detach().float().to(self.device), cond.caption.float().to(self.device)], 1)
-        self.caption_mask = torch.cat([null_mask.to(self.device), cond.caption_mask.bool().to(self.device)], 1)
+        self.caption = torch.cat([null_emb.detach().float().to(self.device),
+                                  cond.caption[:, :, :L].float().to(self.device)], 1)
+        self.caption_mask = torch.cat([null_mask.to(self.device), cond.caption_mask[:, :, :L].bool().to(self.device)], 1)
         one_emb, one_mask = model.null_caption(B, 1, L)
         self._null = (one_emb.detach().float().to(self.device), one_mask.to(self.device))
         self._evict_from = self._eviction_points()

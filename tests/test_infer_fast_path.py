@@ -163,3 +163,20 @@ def test_fused_fp8_input_quantisation_is_the_plain_rule():
         x = (torch.randn(rows, 64, generator=g) * 300).to(torch.bfloat16)   # beyond e4m3's range: clamped
         divisor = torch.rand(64, generator=g) + 0.5
         assert torch.equal(_fused_to_e4m3()(x, divisor).view(torch.uint8), _to_e4m3(x, divisor).view(torch.uint8))
+
+
+def test_cross_attention_sees_only_the_caption_keys_any_pass_uses():
+    """Captions are cut after the last valid token (and the null caption's first tokens): same velocity."""
+    import dataclasses
+
+    m = randomize_(build_dit(model_preset("tiny", chunk_width=CW, caption_max_length=32, null_caption_tokens=8)),
+                   std=0.1, seed=4).eval()
+    emb, mask = captions(m, 2)
+    mask[..., 5:] = False
+    s = SamplerConfig(num_steps=4, window_size=2, cfg_number=3, noise2clean_kvrange=[2, 1])
+    gen = ChunkGenerator(m, s, Conditioning(emb, mask), 2, HW, seed=0)
+    assert gen.caption.shape[2] == 8  # max(5 valid, 8 null tokens) of 32
+    inp = gen.window_input(gen.schedule[0])
+    full = dataclasses.replace(inp, caption=emb[:, :1], caption_mask=mask[:, :1])
+    torch.testing.assert_close(guided_velocity(m, inp, None, s), guided_velocity(m, full, None, s),
+                               rtol=1e-4, atol=2e-5)  # fp32 sums of other lengths, times CFG scale 7.5
