@@ -180,3 +180,11 @@ def test_cross_attention_sees_only_the_caption_keys_any_pass_uses():
     full = dataclasses.replace(inp, caption=emb[:, :1], caption_mask=mask[:, :1])
     torch.testing.assert_close(guided_velocity(m, inp, None, s), guided_velocity(m, full, None, s),
                                rtol=1e-4, atol=2e-5)  # fp32 sums of other lengths, times CFG scale 7.5
+
+
+@pytest.mark.parametrize("override, message", [("i2v_frame0=bogus", "i2v_frame0: got 'bogus', accepted values"),
+                                               ("compile=maybe", "compile: expected true or false"),
+                                               ("negative_special_tokens=3", "negative_special_tokens: expected a list")])
+def test_new_keys_reject_bad_values_in_one_line(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_infer_config("configs/infer/4.5B_distill.json", [override])
