@@ -71,6 +71,8 @@ class MagiDiT(nn.Module):
         if dropped is not None:  # no `dropped.any()` test: it would wait for the GPU at every forward
             L = caption.shape[2]
             null = self._null_embedding(L).to(caption.dtype)
+            if null.shape[0] < L:  # captions longer than the learned null caption: zeros after it
+                null = torch.cat([null, null.new_zeros(L - null.shape[0], null.shape[1])])
             null_mask = torch.arange(L, device=caption.device) < self.cfg.null_caption_tokens
             d = dropped[:, :, None]  # [B, n, 1]
             caption = torch.where(d[..., None], null[None, None], caption)
