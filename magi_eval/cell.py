@@ -29,7 +29,7 @@ from magi_train.data.video_codec import write_video
 from magi_train.evaluation import copy_last_frame, mean_ci95, physics_iq_scores, score_continuation
 from magi_train.evaluation.image_metrics import psnr_per_frame, ssim_per_frame
 
-from .checkpoints import check_fits, load_training_weights, resolve_checkpoint
+from .checkpoints import check_fits, resolve_checkpoint, training_weights
 from .clips import EvalClip, load_clips, scratch_dir
 from .config import EvalConfig
 
@@ -114,27 +114,26 @@ def _pairs(items: list[str]) -> dict:
 
 
 def _build_runner(infer, ckpt, infer_config: str):
-    from magi_infer.distributed import build_parallel_model, needs_parallel, setup_parallel
+    """magi_infer's runner on the cell's weights: a MAGI-1 directory through magi_infer's `load`, a training
+    checkpoint (DCP) as whole tensors handed to the same builder (any tp/cp/pp layout under torchrun)."""
+    from magi_infer.distributed import needs_parallel, setup_parallel, single_process_env
+    from magi_infer.model_build import build_inference_dit
     from magi_infer.runner import MagiRunner, resolve_device, resolve_dtype
-    from magi_train.model import build_dit
     from magi_train.checkpoint.magi_format import CheckpointMismatch
 
     model, rank, env = None, 0, None
     try:
-        if ckpt.kind == "training":   # DCP weights go into a model built here; magi_infer's `load` reads MAGI-1's
-            if needs_parallel(infer):
-                raise ValueError(f"checkpoint: {ckpt.path} is a training checkpoint, read in one process; export it "
-                                 f"(train.checkpoint.export_every_steps) for sharded inference")
-            device = resolve_device(infer)
-            model = build_dit(infer.model, device="cpu", dtype=resolve_dtype(infer, device))
-            load_training_weights(model, ckpt)
-            model = model.to(device).eval()
-        elif needs_parallel(infer):
+        full_state = training_weights(infer.model, ckpt)[0] if ckpt.kind == "training" else None
+        if needs_parallel(infer):
             env = setup_parallel(infer)
             rank = env.rank
             if infer.device == "auto":
                 infer.device = str(env.device)
-            model = build_parallel_model(infer, env, resolve_dtype(infer, env.device))
+            model = build_inference_dit(infer, env, resolve_dtype(infer, env.device), full_state=full_state)
+        elif full_state is not None:
+            device = resolve_device(infer)
+            model = build_inference_dit(infer, single_process_env(device), resolve_dtype(infer, device),
+                                        full_state=full_state)
         return MagiRunner(infer, model=model), rank, env
     except CheckpointMismatch as e:
         raise ValueError(f"checkpoint: {ckpt.path} does not fit the model of {infer_config} ({e})") from None

@@ -66,14 +66,17 @@ def check_fits(ckpt: Checkpoint, model_cfg, infer_config: str) -> None:
                              f"with model.{k}={ckpt.run_model[k]}, the infer config has {getattr(model_cfg, k)}")
 
 
-def load_training_weights(model: torch.nn.Module, ckpt: Checkpoint) -> str:
-    """Fill model from a training checkpoint: each tensor's EMA value where the run kept one, else the trained
-    one; both checkpoint formats store whole tensors under these names. Returns "ema" or "trained"."""
+def training_weights(model_cfg, ckpt: Checkpoint) -> tuple[dict[str, torch.Tensor], str]:
+    """The whole tensors of a training checkpoint, in our (tp=1) layout: each tensor's EMA value where the run
+    kept one, else the trained one (both checkpoint formats store canonical whole tensors under these names).
+    Returns ({name: tensor}, "ema" or "trained"), to hand to parallelize as full_state."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 
+    from magi_train.model import build_dit
+
     meta = FileSystemReader(str(ckpt.path)).read_metadata().state_dict_metadata
-    own = model.state_dict()
+    own = build_dit(model_cfg, device="meta").state_dict()   # names and shapes only
     saved = {k[len("model."):] for k in meta if k.startswith("model.")}
     extra = sorted(saved - set(own) - {k for k in saved if not hasattr(meta[f"model.{k}"], "size")})
     if extra:
@@ -90,11 +93,11 @@ def load_training_weights(model: torch.nn.Module, ckpt: Checkpoint) -> str:
         used_ema |= key.startswith("ema.")
         wanted[key] = torch.empty(meta[key].size, dtype=meta[key].properties.dtype)
     dcp.load(wanted, checkpoint_id=str(ckpt.path), planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
-    with torch.no_grad():
-        for name, t in own.items():
-            key = f"ema.shadow.{name}" if f"ema.shadow.{name}" in wanted else f"model.{name}"
-            t.copy_(wanted[key].reshape(t.shape))
-    return "ema" if used_ema else "trained"
+    state = {}
+    for name, t in own.items():
+        key = f"ema.shadow.{name}" if f"ema.shadow.{name}" in wanted else f"model.{name}"
+        state[name] = wanted[key].reshape(t.shape)
+    return state, "ema" if used_ema else "trained"
 
 
-__all__ = ["Checkpoint", "resolve_checkpoint", "check_fits", "load_training_weights"]
+__all__ = ["Checkpoint", "resolve_checkpoint", "check_fits", "training_weights"]

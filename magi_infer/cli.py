@@ -41,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict | None:
     from .distributed import needs_parallel, setup_parallel
     from .model_build import build_inference_dit
-    from .runner import resolve_dtype
+    from .runner import describe_run, resolve_device, resolve_dtype
 
     cfg = load_infer_config(args.config_file, args.overrides)
     model, rank, env = None, 0, None
@@ -50,6 +50,10 @@ def run(args: argparse.Namespace) -> dict | None:
         rank = env.rank
         if cfg.device == "auto":
             cfg.device = str(env.device)
+    device = resolve_device(cfg)
+    if rank == 0:  # the first line says what runs
+        print(describe_run(cfg, device, resolve_dtype(cfg, device)), flush=True)
+    if env is not None:
         model = build_inference_dit(cfg, env, resolve_dtype(cfg, env.device))
     try:
         return _generate(args, cfg, model, rank)

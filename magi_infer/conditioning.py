@@ -30,6 +30,7 @@ class Conditioning:
     caption_mask: torch.Tensor            # [B, n_generated, L] bool
     prefix: torch.Tensor | None = None    # [B, C, P, h, w] latent frames pinned at the start of the video
     emit_prefix: bool = False             # I2V: the image frame belongs to the output; V2V: the prefix does not
+    null_prefix: torch.Tensor | None = None  # [k, D] negative special tokens before the null caption (NEG_PROMPT)
 
     @property
     def batch(self) -> int:
@@ -38,6 +39,27 @@ class Conditioning:
     @property
     def prefix_frames(self) -> int:
         return 0 if self.prefix is None else self.prefix.shape[2]
+
+
+# MAGI-1 run.sh's NEG_PROMPT=1 puts these in front of the null caption (the negative prompt), in this order.
+NEGATIVE_SPECIAL_TOKENS = ("CAPTION_TOKEN", "LOGO_TOKEN", "TRANS_TOKEN", "BORDERNESS_TOKEN")
+
+
+def negative_tokens_from_env() -> list[str]:
+    """MAGI-1's negative special tokens when NEG_PROMPT is on, else none."""
+    return list(NEGATIVE_SPECIAL_TOKENS) if os.environ.get("NEG_PROMPT", "").lower() in {"1", "true", "yes", "on"} else []
+
+
+def null_caption_prefix(tokens: dict[str, torch.Tensor], names: Sequence[str]) -> torch.Tensor | None:
+    """[k, D] tokens to stand before the null caption: each name goes in front of the previous ones and is rounded
+    through float16, as MAGI-1 pads its null embedding; the caller cuts back to the caption length."""
+    prefix = None
+    for name in names:
+        if name not in tokens:
+            raise ValueError(f"negative_special_tokens: unknown token {name!r}; accepted names are {', '.join(sorted(tokens))}")
+        tok = tokens[name].reshape(1, -1).to(torch.float16).float()
+        prefix = tok if prefix is None else torch.cat([tok, prefix])
+    return prefix
 
 
 def special_tokens_from_env() -> list[str]:

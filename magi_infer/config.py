@@ -22,6 +22,7 @@ from magi_train.diffusion.sampling import TIME_SCHEDULES, parse_shortcut_mode
 
 MODES = ("t2v", "i2v", "v2v")
 CFG_NUMBERS = (1, 2, 3)
+I2V_FRAME0 = ("release", "pinned")
 
 
 @dataclass
@@ -41,6 +42,7 @@ class SamplerConfig:
     distill_nearly_clean_chunk_threshold: float = 0.3  # cfg 1: extra pass for an oldest chunk with t above it
     prev_chunks_scale: float = 0.7          # weight of the with-history velocity in that extra pass
     kv_offload: bool = False                # keep cached K/V in CPU memory
+    i2v_frame0: str = "release"             # release: image + v*dt of the last step, as MAGI-1 emits it; pinned: the image
 
     def __post_init__(self) -> None:
         for name in ("num_steps", "window_size"):
@@ -70,6 +72,7 @@ class SamplerConfig:
               f"must be a positive chunk count or -1, got {self.clean_chunk_kvrange}")
         check(0.0 < self.clean_t <= 1.0, "clean_t", f"must lie in (0, 1], got {self.clean_t}")
         check(0.0 <= self.prev_chunks_scale, "prev_chunks_scale", f"must be >= 0, got {self.prev_chunks_scale}")
+        check_choice(self.i2v_frame0, "i2v_frame0", I2V_FRAME0)
 
 
 @dataclass
@@ -94,9 +97,11 @@ class InferConfig:
     temporal_downsample_factor: int = 4
     special_tokens_path: Optional[str] = None   # .npz of MAGI-1 special tokens; absent: none are added
     special_tokens: Optional[list[str]] = None  # names to prepend; None: from PAD_* environment variables
+    negative_special_tokens: Optional[list[str]] = None  # before the null caption; None: MAGI-1's if NEG_PROMPT=1
     # --- execution ---
     device: str = "auto"                    # auto: cuda when available
     dtype: str = "auto"                     # auto: model.params_dtype on GPU, float32 on CPU
+    compile: Optional[bool] = None          # fuse the layers' fp32 islands with torch.compile; None: on for CUDA
     frames_dir: Optional[str] = None        # also dump every frame as PNG here
     crf: int = 18                           # x264 quality of the streamed mp4
 

@@ -8,7 +8,8 @@ cfg_number 3 uses all three, 2 the first two, 1 only the first. The first two ru
 chunk re-run at clean_t rides in front of the window and its K/V are written from the pass MAGI-1 writes from
 (cond_pre for cfg 2/3, the only pass for cfg 1). Passes whose weight is zero for every chunk of the window
 (MAGI-1's scales make text and uncond weights vanish for t >= 0.3) are skipped: the guided sum is unchanged
-(their terms are multiplied by exactly 0).
+(their terms are multiplied by exactly 0); the uncond pass runs only for the chunks whose weight 1 - s_prev is not
+zero. Which passes run is decided from the host copy of t, so no forward waits for the GPU.
 Distilled models (cfg 1) get one more pass for a nearly clean oldest chunk: that chunk alone with the prompt,
 blended as prev_chunks_scale * with-history + (1 - prev_chunks_scale) * alone."""
 from __future__ import annotations
@@ -36,6 +37,7 @@ class WindowInput:
     num_clean: int                    # 0 or 1 chunks re-run at clean_t in front
     lookback: list[int] | None        # per input chunk (itself included); None = whole history
     dt: torch.Tensor | None = None    # [B, n_in] step-size condition of distilled models
+    t_host: torch.Tensor | None = None  # [n_in] the same t on the CPU (every batch row shares it); None: from t
 
 
 def _forward(model, x, t, caption, mask, dropped, dt, *, offset, cache=None, write=False, lookback=None):
@@ -43,12 +45,18 @@ def _forward(model, x, t, caption, mask, dropped, dt, *, offset, cache=None, wri
                  lookback=lookback)
 
 
-def _alone(model, x, t, caption, mask, dropped, dt, cw):
-    """Every chunk of x as its own batch row, no history (MAGI-1's uncond pass and nearly-clean pass)."""
+def _alone(model, x, t, caption, mask, dropped, dt, cw, chunks: list[int] | None = None):
+    """Every chunk of x (or the listed ones) as its own batch row, no history (MAGI-1's uncond and nearly-clean
+    passes). Returns [B, C, len(chunks) * cw, H, W]."""
     B, n = t.shape
-    xs = rearrange(x, "b c (n f) h w -> (b n) c f h w", n=n)
-    v = _forward(model, xs, t.reshape(B * n, 1), caption.flatten(0, 1)[:, None], mask.flatten(0, 1)[:, None],
-                 dropped.repeat_interleave(n), None if dt is None else dt.reshape(B * n, 1), offset=0)
+    xs = rearrange(x, "b c (n f) h w -> b n c f h w", n=n)
+    if chunks is not None and chunks != list(range(n)):
+        xs, t, caption, mask = xs[:, chunks], t[:, chunks], caption[:, chunks], mask[:, chunks]
+        dt = None if dt is None else dt[:, chunks]
+        n = len(chunks)
+    v = _forward(model, xs.flatten(0, 1), t.reshape(B * n, 1), caption.flatten(0, 1)[:, None],
+                 mask.flatten(0, 1)[:, None], dropped.repeat_interleave(n), None if dt is None else dt.reshape(B * n, 1),
+                 offset=0)
     return rearrange(v, "(b n) c f h w -> b c (n f) h w", n=n)
 
 
@@ -61,6 +69,7 @@ def guided_velocity(model, inp: WindowInput, cache: InferenceKVCache | None, sam
     write = tuple(range(inp.first_chunk, inp.first_chunk + nc))
     den = slice(nc * cw, None)
     t_den = inp.t[:, nc:]
+    t_host = (inp.t_host if inp.t_host is not None else inp.t[0].cpu()).float()[nc:]
     null_emb, null_mask = model.null_caption(B, n_in, inp.caption.shape[2])
     null_emb, null_mask = null_emb.to(inp.caption), null_mask.to(inp.caption_mask.device)
     kept = torch.zeros(B, dtype=torch.bool, device=inp.t.device)
@@ -69,7 +78,7 @@ def guided_velocity(model, inp: WindowInput, cache: InferenceKVCache | None, sam
         with _writing(cache, write, None):
             v = _forward(model, inp.x, inp.t, inp.caption, inp.caption_mask, kept, inp.dt, offset=inp.first_chunk,
                          cache=cache, write=bool(write), lookback=inp.lookback)[:, :, den]
-        if float(t_den[:, 0].max()) > sampler.distill_nearly_clean_chunk_threshold:
+        if float(t_host[0]) > sampler.distill_nearly_clean_chunk_threshold:
             oldest = slice(nc, nc + 1)
             v_alone = _alone(model, inp.x[:, :, nc * cw:(nc + 1) * cw], inp.t[:, oldest], inp.caption[:, oldest],
                              inp.caption_mask[:, oldest], kept, None if inp.dt is None else inp.dt[:, oldest], cw)
@@ -77,11 +86,12 @@ def guided_velocity(model, inp: WindowInput, cache: InferenceKVCache | None, sam
             v[:, :, :cw] = blend_prev_chunks(v[:, :, :cw], v_alone, sampler.prev_chunks_scale)
         return v
 
-    s_prev, s_text = cfg_scales(t_den, sampler.cfg_t_range, sampler.prev_chunk_scales, sampler.text_scales)
+    s_prev, s_text = cfg_scales(t_host, sampler.cfg_t_range, sampler.prev_chunk_scales, sampler.text_scales)
     if sampler.cfg_number == 2:
         s_prev = torch.ones_like(s_prev)
     need_text = bool((s_text != 0).any())
-    need_uncond = sampler.cfg_number == 3 and bool((s_prev != 1).any())
+    uncond_chunks = [i for i, s in enumerate(s_prev.tolist()) if s != 1] if sampler.cfg_number == 3 else []
+    s_prev, s_text = s_prev.to(inp.t.device), s_text.to(inp.t.device)
 
     # cond_pre (null prompt, writes the cache) and, when it has weight, cond_pre_and_text in one batch
     rows = [(inp.caption, inp.caption_mask, kept)] if need_text else []
@@ -98,11 +108,13 @@ def guided_velocity(model, inp: WindowInput, cache: InferenceKVCache | None, sam
     v_text = out[:B] if need_text else v_ctx  # weight s_text is 0 everywhere when skipped
     if sampler.cfg_number == 2:
         return combine_cfg(v_text, v_ctx, None, s_prev, s_text, cw)
-    if need_uncond:
-        v_unc = _alone(model, inp.x[:, :, den], t_den, null_emb[:, nc:], null_mask[:, nc:], ~kept,
-                       None if inp.dt is None else inp.dt[:, nc:], cw)
-    else:
-        v_unc = v_ctx  # weight 1 - s_prev is 0 everywhere
+    v_unc = v_ctx  # where the weight 1 - s_prev is 0, any finite value gives the same sum
+    if uncond_chunks:
+        alone = _alone(model, inp.x[:, :, den], t_den, null_emb[:, nc:], null_mask[:, nc:], ~kept,
+                       None if inp.dt is None else inp.dt[:, nc:], cw, uncond_chunks)
+        v_unc = v_ctx.clone()
+        for j, c in enumerate(uncond_chunks):
+            v_unc[:, :, c * cw:(c + 1) * cw] = alone[:, :, j * cw:(j + 1) * cw]
     return combine_cfg(v_text, v_ctx, v_unc, s_prev, s_text, cw)
 
 

@@ -35,16 +35,11 @@ class InferenceKVCache(KVCache):
         chunk_ids = list(chunk_ids)
         if self._batch is not None:
             k, v = k[:, self._batch], v[:, self._batch]
-        if self._allowed is not None:
-            per = k.shape[0] // len(chunk_ids)
-            keep = [i for i, c in enumerate(chunk_ids) if c in self._allowed]
-            if not keep:
-                return
-            rows = torch.cat([torch.arange(i * per, (i + 1) * per, device=k.device) for i in keep])
-            k, v = k.index_select(0, rows), v.index_select(0, rows)
-            chunk_ids = [chunk_ids[i] for i in keep]
-        super().write(layer, chunk_ids, k, v)
-        self.bytes_written += 2 * k.numel() * k.element_size()
+        per = k.shape[0] // len(chunk_ids)
+        keep = [i for i, c in enumerate(chunk_ids) if self._allowed is None or c in self._allowed]
+        for i in keep:  # token slices: the base class's copy of each kept chunk is the only copy made
+            super().write(layer, [chunk_ids[i]], k[i * per:(i + 1) * per], v[i * per:(i + 1) * per])
+            self.bytes_written += 2 * per * k[0].numel() * k.element_size()
         self.peak_bytes = max(self.peak_bytes, self.nbytes())
 
     def read(self, layer: int, chunk_ids, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,17 +20,20 @@ from .config import InferConfig
 log = logging.getLogger("magi_infer")
 
 
-def build_inference_dit(cfg: InferConfig, env, dtype: torch.dtype):
+def build_inference_dit(cfg: InferConfig, env, dtype: torch.dtype, full_state=None):
+    """full_state: whole tensors (or name -> tensor) to use instead of cfg.load (a training checkpoint's weights)."""
     if dtype not in DTYPE_NAMES:
         raise ConfigError(f"dtype: inference runs in {', '.join(DTYPE_NAMES.values())}, got {dtype}")
     if cfg.fp8_quant:
+        if full_state is not None:
+            raise ConfigError("fp8_quant: the MAGI-1 fp8 format is read from load=DIR, not from training weights")
         return _fp8_dit(cfg, env, dtype)
     from magi_train.checkpoint.release_reader import magi_tensor_getter, one_process_state
     from magi_train.parallel import parallelize
 
-    if cfg.load is not None:
+    if full_state is None and cfg.load is not None:
         full_state = magi_tensor_getter(cfg.load, fp8=False, distill=cfg.model.distill)
-    else:
+    elif full_state is None:
         log.warning("load is not set: the DiT has random weights (fine for tests and benchmarks, not for videos)")
         full_state = one_process_state(cfg.model, cfg.seed, env.device, dtype)
     model_cfg = dataclasses.replace(cfg.model, params_dtype=DTYPE_NAMES[dtype])

@@ -25,6 +25,25 @@ class FinishedChunk:
     chunk: int                 # global chunk index in the latent video (prefix chunks included)
     frame_start: int           # global latent frame of latent[:, :, 0]
     latent: torch.Tensor       # [B, C, f, h, w]: the chunk's frames that belong to the output
+    ready_s: float | None = None  # time.perf_counter() when its decoded pixels reached the host (MagiRunner.frames)
+
+
+def set_null_caption_prefix(model, prefix: torch.Tensor | None) -> None:
+    """Put MAGI-1's negative special tokens (NEG_PROMPT) in front of the null caption of every DiT in `model`."""
+    from magi_train.model.dit import MagiDiT
+
+    for m in model.modules():
+        if isinstance(m, MagiDiT):
+            m.null_caption_prefix = None if prefix is None else prefix.to(m.y_embedder.null_caption_embedding)
+
+
+def caption_keys(caption_mask: torch.Tensor, null_tokens: int) -> int:
+    """Caption tokens every pass needs: up to the last valid prompt token, and the null caption's first
+    null_tokens. The keys after it are masked off in every pass (MAGI-1 pads captions to 800 tokens, prompts use
+    tens), so cross-attention over only these gives the same result for a fraction of the work."""
+    valid = caption_mask.bool().flatten(0, -2).any(dim=0).nonzero()
+    last = int(valid[-1]) + 1 if len(valid) else 0
+    return min(caption_mask.shape[-1], max(last, null_tokens))
 
 
 def num_chunks_for(num_latent_frames: int, prefix_frames: int, chunk_width: int) -> int:
@@ -59,16 +78,21 @@ class ChunkGenerator:
         self.x = noise.to(self.device, torch.float32).clone()
         self.prefix = None if cond.prefix is None else cond.prefix.to(self.device, torch.float32)
         self._pin()
-        self.t_grid = time_grid(sampler.num_steps, sampler.shift, sampler.time_schedule, sampler.shortcut_mode).to(self.device)
+        # the grid lives on the host too: which passes a forward needs and the trace are read from it, so no step
+        # waits for the GPU (the only device-to-host copies are the finished chunks)
+        self.t_grid_host = time_grid(sampler.num_steps, sampler.shift, sampler.time_schedule, sampler.shortcut_mode)
+        self.t_grid = self.t_grid_host.to(self.device)
         self.dt_factors = (distill_dt_factors(sampler.num_steps, sampler.shortcut_mode).to(self.device)
                            if cfg.distill else None)
         self.schedule = window_schedule(num_chunks, sampler.window_size, sampler.num_steps, self.first_chunk)
         self.cache = InferenceKVCache(offload=sampler.kv_offload)
-        L = cond.caption.shape[2]
+        set_null_caption_prefix(model, cond.null_prefix)
+        L = caption_keys(cond.caption_mask, cfg.null_caption_tokens)
         null_emb, null_mask = model.null_caption(B, self.first_chunk, L)
         # per global chunk: prefix chunks carry the null caption, generated chunks their prompt
-        self.caption = torch.cat([null_emb.detach().float().to(self.device), cond.caption.float().to(self.device)], 1)
-        self.caption_mask = torch.cat([null_mask.to(self.device), cond.caption_mask.bool().to(self.device)], 1)
+        self.caption = torch.cat([null_emb.detach().float().to(self.device),
+                                  cond.caption[:, :, :L].float().to(self.device)], 1)
+        self.caption_mask = torch.cat([null_mask.to(self.device), cond.caption_mask[:, :, :L].bool().to(self.device)], 1)
         one_emb, one_mask = model.null_caption(B, 1, L)
         self._null = (one_emb.detach().float().to(self.device), one_mask.to(self.device))
         self._evict_from = self._eviction_points()
@@ -106,9 +130,10 @@ class ChunkGenerator:
         chunks = ws.input_chunks
         first, n_in = chunks[0], len(chunks)
         nc = 0 if ws.clean_chunk is None else 1
-        t = self.t_grid[torch.tensor(ws.steps, device=self.device)]
+        t_host = self.t_grid_host[list(ws.steps)]
         if nc:
-            t = torch.cat([t.new_full((1,), self.sampler.clean_t), t])
+            t_host = torch.cat([t_host.new_full((1,), self.sampler.clean_t), t_host])
+        t = t_host.to(self.device)
         cap = self.caption[:, first:first + n_in].clone()
         mask = self.caption_mask[:, first:first + n_in].clone()
         if nc:  # the re-run finished chunk sees the null caption (MAGI-1)
@@ -116,7 +141,8 @@ class ChunkGenerator:
         # the clean chunk takes the step-size condition of the chunk behind it (MAGI-1: one dt per forward)
         dt = self._dt(([ws.steps[0]] * nc) + list(ws.steps), B)
         return WindowInput(x=self.x[:, :, self._frames(first, n_in)], t=t[None].expand(B, -1), caption=cap,
-                           caption_mask=mask, first_chunk=first, num_clean=nc, lookback=self._lookbacks(ws), dt=dt)
+                           caption_mask=mask, first_chunk=first, num_clean=nc, lookback=self._lookbacks(ws), dt=dt,
+                           t_host=t_host)
 
     @torch.no_grad()
     def prefill(self) -> None:
@@ -142,12 +168,14 @@ class ChunkGenerator:
     @torch.no_grad()
     def step(self, i: int) -> FinishedChunk | None:
         ws = self.schedule[i]
+        self._pin()  # the release pads the prefix into every forward's input
         v = self.velocity(ws)
-        steps = torch.tensor(ws.steps, device=self.device)
-        t_now, t_next = self.t_grid[steps], self.t_grid[steps + 1]
+        steps = list(ws.steps)
+        t_now, t_next = self.t_grid_host[steps], self.t_grid_host[[s + 1 for s in steps]]
         span = self._frames(ws.chunks[0], len(ws.chunks))
-        self.x[:, :, span] = euler_step(self.x[:, :, span], v, t_now, t_next, self.cw)
-        self._pin()
+        self.x[:, :, span] = euler_step(self.x[:, :, span], v, t_now.to(self.device), t_next.to(self.device), self.cw)
+        if self.sampler.i2v_frame0 == "pinned":  # else the update moves the prefix frames too, as in the release
+            self._pin()
         self.trace.extend((c, s, float(a), float(b)) for c, s, a, b in zip(ws.chunks, ws.steps, t_now, t_next))
         self.cache.evict_before(self._evict_from[i + 1] if i + 1 < len(self.schedule) else self.num_chunks)
         if ws.finishing is None:

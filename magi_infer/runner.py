@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
+import threading
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -16,9 +18,12 @@ import torch
 from tqdm import tqdm
 
 from magi_train.dtypes import DTYPES
-from magi_train.encoders import TextEncoderConfig, VAEConfig, build_text_encoder, build_vae
+from magi_train.encoders import TextEncoderConfig, VAEConfig, build_text_encoder, build_vae, load_special_tokens
+from magi_train.model import fused_ops
+from magi_train.model.attention import resolve_backend
 
-from .conditioning import Conditioning, chunk_captions, special_tokens_from_env
+from .conditioning import (Conditioning, chunk_captions, negative_tokens_from_env, null_caption_prefix,
+                           special_tokens_from_env)
 from .config import MODES, InferConfig
 from .pipeline import ChunkGenerator, FinishedChunk, num_chunks_for
 from .video_io import StreamingVideoWriter, frames_to_video, read_image, read_prefix_video, to_uint8_frames
@@ -36,6 +41,18 @@ def resolve_dtype(cfg: InferConfig, device: torch.device) -> torch.dtype:
     if cfg.dtype == "auto":
         return DTYPES[cfg.model.params_dtype] if device.type == "cuda" else torch.float32
     return DTYPES[cfg.dtype]
+
+
+def resolve_compile(cfg: InferConfig, device: torch.device) -> bool:
+    return device.type == "cuda" if cfg.compile is None else bool(cfg.compile)
+
+
+def describe_run(cfg: InferConfig, device: torch.device, dtype: torch.dtype) -> str:
+    """The line the CLI starts with: what actually runs."""
+    p = cfg.parallel
+    weights = str(dtype).replace("torch.", "") + (" with MAGI-1 fp8 linears" if cfg.fp8_quant else "")
+    return (f"magi_infer: attention {resolve_backend(cfg.model.attention_backend, device)}, dtype {weights}, "
+            f"device {device}, layout tp{p.tp} cp{p.cp} pp{p.pp}, compile {'on' if resolve_compile(cfg, device) else 'off'}")
 
 
 def build_model(cfg: InferConfig, device: torch.device, dtype: torch.dtype):
@@ -82,6 +99,7 @@ class MagiRunner:
         if vae.latent_channels != cfg.model.latent_channels:
             raise ValueError(f"vae: {vae.latent_channels} latent channels, the DiT takes {cfg.model.latent_channels}")
         self.model = model if model is not None else build_model(cfg, self.device, self.dtype)
+        fused_ops.use_compiled(resolve_compile(cfg, self.device))
 
     # ------------------------------------------------------------------ conditioning
     def _prefix(self, mode: str, image_path: str | None, prefix_video_path: str | None) -> torch.Tensor | None:
@@ -125,7 +143,13 @@ class MagiRunner:
             raise FileNotFoundError(f"special_tokens_path: {token_path} does not exist")
         caption, cmask = chunk_captions(emb.cpu(), mask.cpu(), starts, n_gen, c.model.caption_max_length,
                                         token_path, names)
-        return Conditioning(caption, cmask, prefix, emit_prefix=(mode == "i2v")), n_total
+        negative = c.negative_special_tokens if c.negative_special_tokens is not None else negative_tokens_from_env()
+        null_prefix = None
+        if negative and token_path:
+            null_prefix = null_caption_prefix(load_special_tokens(token_path), negative)
+        elif negative:
+            log.warning("negative special tokens asked for (NEG_PROMPT) but no special_tokens_path: none are added")
+        return Conditioning(caption, cmask, prefix, emit_prefix=(mode == "i2v"), null_prefix=null_prefix), n_total
 
     # ------------------------------------------------------------------ generation
     def generator(self, mode: str, prompts: Sequence[str], starts=None, image_path=None, prefix_video_path=None
@@ -141,12 +165,15 @@ class MagiRunner:
             return to_uint8_frames(self.vae.decode(chunk.latent[:1].to(self.device)))
 
     def frames(self, gen: ChunkGenerator) -> Iterator[tuple[FinishedChunk, np.ndarray]]:
-        for chunk in gen:
-            yield chunk, self.decode(chunk)
+        """Finished chunks with their pixels, in order; each is decoded on a second thread (and CUDA stream) while
+        the generator denoises the next ones."""
+        yield from _decoded_in_background(gen, self.decode, self.device)
 
     def run(self, mode: str, prompts: Sequence[str], output_path: str, starts=None, image_path=None,
             prefix_video_path=None, progress: bool = True, on_chunk=None) -> dict:
-        """Generate and stream to output_path; returns timing stats. on_chunk(chunk, writer) runs after each write."""
+        """Generate and stream to output_path; returns timing stats. on_chunk(chunk, writer) runs after each write.
+
+        seconds_per_chunk: time between chunks ready as pixels (decoded, written), the first from the start."""
         c = self.cfg
         gen = self.generator(mode, prompts, starts, image_path, prefix_video_path)
         bar = tqdm(total=gen.num_generated_chunks, desc=f"magi {mode}", unit="chunk", disable=not progress)
@@ -156,8 +183,8 @@ class MagiRunner:
             for chunk, pixels in self.frames(gen):
                 writer.write(pixels)
                 now = time.perf_counter()
-                times.append(now - last)
-                last = now
+                times.append(chunk.ready_s - last)  # ready as pixels, not when this loop got round to it
+                last = chunk.ready_s
                 frames += len(pixels)
                 bar.set_postfix_str(f"{times[-1]:.1f}s/chunk, {frames / (now - start):.2f} frames/s")
                 bar.update(1)
@@ -168,3 +195,59 @@ class MagiRunner:
         return {"chunks": len(times), "frames": frames, "seconds": total, "seconds_per_chunk": times,
                 "frames_per_second": frames / total if total else 0.0, "forwards": gen.forwards,
                 "kv_cache": gen.cache.stats(), "output_path": str(output_path)}
+
+
+def _decoded_in_background(chunks, decode, device: torch.device) -> Iterator[tuple[FinishedChunk, np.ndarray]]:
+    """Iterate `chunks` (the denoising loop) here and decode each on a worker thread, yielding (chunk, pixels)
+    in order. On CUDA the worker decodes on its own stream after the chunk's latent is ready, so the VAE overlaps
+    the next forwards; its copy to the host waits for the decode only."""
+    todo: queue.Queue = queue.Queue(maxsize=2)
+    done: queue.Queue = queue.Queue()
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    end = object()
+
+    def work():
+        try:
+            while (item := todo.get()) is not end:
+                chunk, ready = item
+                if stream is None:
+                    pixels = decode(chunk)
+                else:
+                    with torch.cuda.stream(stream):
+                        stream.wait_event(ready)
+                        chunk.latent.record_stream(stream)
+                        pixels = decode(chunk)  # ends with the copy to the host: the chunk is done on the GPU
+                chunk.ready_s = time.perf_counter()
+                done.put((chunk, pixels))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, re-raised there
+            done.put(e)
+        done.put(end)
+
+    worker = threading.Thread(target=work, name="magi-decode", daemon=True)
+    worker.start()
+    pending = 0
+    try:
+        for chunk in chunks:
+            ready = None
+            if stream is not None:
+                ready = torch.cuda.Event()
+                ready.record()
+            todo.put((chunk, ready))
+            pending += 1
+            while not done.empty() and pending:
+                item = done.get()
+                if isinstance(item, BaseException):
+                    raise item
+                pending -= 1
+                yield item
+        todo.put(end)
+        while (item := done.get()) is not end:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        if worker.is_alive():
+            try:
+                todo.put_nowait(end)
+            except queue.Full:
+                pass

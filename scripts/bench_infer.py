@@ -1,120 +1,155 @@
-"""Inference speed of the chunk pipeline with random weights: seconds per chunk and video frames per second.
+"""Inference speed through the CLI's own pipeline (MagiRunner: text encoder, DiT window loop, VAE decode on a second
+thread, streamed mp4), random weights: first-chunk latency and the steady rate with the window full.
 
   python scripts/bench_infer.py                                   # tiny model on the CPU
-  python scripts/bench_infer.py --model 4.5B --height 480 --width 848 --device cuda --dtype bfloat16 \
-      --num_chunks 4 --num_steps 16
+  python scripts/bench_infer.py --model 4.5B --height 480 --width 848 --num_steps 8 --window_size 4 \
+      --distill --num_chunks 12 [--fp8] [--compile off]
+  python scripts/bench_infer.py --config_file configs/infer/4.5B_base.json --height 480 --width 848 ...
 
-Latent space only (no text encoder or VAE: their cost is per prompt / per chunk and small next to the DiT's).
-A chunk leaves the window every num_steps / window_size forwards once the window is full; the first chunk
-also waits for the window to fill, so the table gives both the first-chunk latency and the steady rate."""
+Steady state: a chunk leaves the window every num_steps / window_size forwards; the chunks finished while the
+window is full (chunks 1 .. n - window_size) each take one such stage, the first also waits for the window to
+fill (and, cold, for torch.compile: a warm-up run first takes that out). A chunk counts as done when its decoded
+pixels are on the host. Left out: the real T5 (the hash encoder stands in: text is encoded once per prompt) and
+the MAGI-1 VAE (an untrained small VAE decodes, overlapped with denoising either way). Random weights include the
+final projection (zero at init), so the velocities are not 0. --fp8 quantises the blocks to the MAGI-1 fp8 format
+(quantize_to_magi_fp8, weights-only scales) and first compares one window forward with bf16."""
 from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from magi_infer.conditioning import Conditioning
-from magi_infer.config import SamplerConfig
-from magi_infer.pipeline import ChunkGenerator
-from magi_train.config import model_preset
-from magi_train.dtypes import DTYPES
-from magi_train.model import build_dit
+from magi_infer.config import load_infer_config
+from magi_infer.runner import MagiRunner, build_model, describe_run, resolve_device, resolve_dtype
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="tiny", help="preset: tiny, debug, 4.5B, 24B")
-    p.add_argument("--height", type=int, default=64, help="video height (pixels; latent = /8)")
+    p.add_argument("--config_file", help="MAGI-1 example json or configs/infer/*.yaml (else --model)")
+    p.add_argument("--model", default="tiny", help="preset when no config file: tiny, debug, 4.5B, 24B")
+    p.add_argument("--height", type=int, default=64, help="video height in pixels (latent = /8)")
     p.add_argument("--width", type=int, default=64)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None, choices=tuple(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--num_chunks", type=int, default=4)
-    p.add_argument("--num_steps", type=int, default=8)
-    p.add_argument("--window_size", type=int, default=4)
-    p.add_argument("--cfg_number", type=int, default=3, choices=(1, 2, 3))
-    p.add_argument("--distill", action="store_true", help="step-size conditioned model (implies --cfg_number 1)")
-    p.add_argument("--chunk_width", type=int, default=6, help="latent frames per chunk (MAGI-1: 6)")
-    p.add_argument("--attention_backend", default=None, help="default: sdpa_chunked on cuda, reference on cpu")
-    p.add_argument("--kv_offload", action="store_true")
-    p.add_argument("--noise2clean_kvrange", default="5,4,3,2", help="comma list; empty for full history")
-    p.add_argument("--warmup", type=int, default=1, help="untimed forwards first (kernel selection, allocator)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--num_chunks", type=int, default=12, help="chunks to generate (>= window_size + 2 for a steady state)")
+    p.add_argument("--num_steps", type=int)
+    p.add_argument("--window_size", type=int)
+    p.add_argument("--cfg_number", type=int, choices=(1, 2, 3))
+    p.add_argument("--distill", action="store_true", help="step-size conditioned model, cfg_number 1")
+    p.add_argument("--fp8", action="store_true", help="MAGI-1 fp8 format: quantise the random weights, then run")
+    p.add_argument("--compile", choices=("auto", "on", "off"), help="default: the config's (auto: on for CUDA)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"))
+    p.add_argument("--warmup_chunks", type=int, default=1,
+                   help="untimed run of this many chunks first (compile, kernel selection); 0: none")
+    p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("overrides", nargs="*", help="key=value, as for python -m magi_infer")
     return p.parse_args(argv)
+
+
+def infer_config(args, num_chunks: int):
+    ov = {"video_size_h": args.height, "video_size_w": args.width, "device": args.device, "dtype": args.dtype,
+          "seed": 0}
+    if not args.config_file:
+        ov["model.preset"] = args.model
+    for key in ("num_steps", "window_size"):
+        if getattr(args, key) is not None:
+            ov[key] = getattr(args, key)
+    if args.compile in ("on", "off"):
+        ov["compile"] = args.compile == "on"
+    if args.distill:
+        ov.update({"model.distill": True, "cfg_number": 1})
+    elif args.cfg_number is not None:
+        ov["cfg_number"] = args.cfg_number
+    if args.fp8:
+        ov["fp8_quant"] = True  # what the run reports; the weights are quantised here (no checkpoint to read)
+    pairs = [f"{k}={v}" for k, v in ov.items()] + list(args.overrides)  # parsed as the CLI parses them
+    cfg = load_infer_config(args.config_file, pairs)
+    cfg.num_frames = num_chunks * cfg.model.chunk_width * cfg.temporal_downsample_factor
+    return cfg
+
+
+@torch.no_grad()
+def fp8_error(model, cfg, device) -> dict:
+    """Quantise model in place to the MAGI-1 fp8 format; relative error of one 2-chunk window forward vs before."""
+    from magi_train.checkpoint.magi_format import load_magi_state_dict, quantize_to_magi_fp8
+
+    m = cfg.model
+    g = torch.Generator().manual_seed(3)
+    h, w = cfg.video_size_h // 8, cfg.video_size_w // 8
+    x = torch.randn(1, m.latent_channels, 2 * m.chunk_width, h, w, generator=g).to(device)
+    t = torch.tensor([[0.7, 0.3]], device=device)
+    cap = (torch.randn(1, 2, m.caption_max_length, m.caption_channels, generator=g) * 0.1).to(device)
+    mask = torch.zeros(1, 2, m.caption_max_length, dtype=torch.bool, device=device)
+    mask[..., :64] = True
+    dt = torch.full((1, 2), 4.0, device=device) if m.distill else None
+    ref = model(x, t, cap, mask, None, dt).float()
+    load_magi_state_dict(model, quantize_to_magi_fp8(model))
+    out = model(x, t, cap, mask, None, dt).float()
+    return {"fp8_rel_error": float((out - ref).norm() / ref.norm()), "fp8_finite": bool(torch.isfinite(out).all())}
 
 
 def bench(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
-    backend = args.attention_backend or ("sdpa_chunked" if device.type == "cuda" else "reference")
-    cfg = model_preset(args.model, chunk_width=args.chunk_width, attention_backend=backend, distill=args.distill,
-                       params_dtype="bfloat16" if dtype == torch.bfloat16 else "float32")
+    cfg = infer_config(args, args.num_chunks)
+    device = resolve_device(cfg)
+    dtype = resolve_dtype(cfg, device)
+    print(describe_run(cfg, device, dtype), flush=True)
     torch.manual_seed(0)
-    model = build_dit(cfg, device=device, dtype=dtype).eval()
-    ranges = [int(r) for r in args.noise2clean_kvrange.split(",") if r]
-    while ranges and args.num_steps % len(ranges):
-        ranges = ranges[1:]   # keep the nearest ranges that divide num_steps
-    sampler = SamplerConfig(num_steps=args.num_steps, window_size=args.window_size,
-                            cfg_number=1 if args.distill else args.cfg_number, noise2clean_kvrange=ranges,
-                            kv_offload=args.kv_offload)
-    h, w = args.height // 8, args.width // 8
-    L = cfg.caption_max_length
-    g = torch.Generator().manual_seed(0)
-    caption = torch.randn(1, args.num_chunks, L, cfg.caption_channels, generator=g) * 0.1
-    mask = torch.zeros(1, args.num_chunks, L, dtype=torch.bool)
-    mask[..., : min(L, 64)] = True
-    cond = Conditioning(caption.to(device), mask.to(device))
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    if args.warmup:
-        warm = ChunkGenerator(model, sampler, cond, args.num_chunks, (h, w), seed=1, device=device)
-        for i in range(min(args.warmup, len(warm.schedule))):
-            warm.step(i)
-        del warm
+    model = build_model(cfg, device, dtype)
+    torch.nn.init.normal_(model.final_linear.linear.weight, std=0.02)  # random weights: v is not 0
+    result = fp8_error(model, cfg, device) if args.fp8 else {}
+    runner = MagiRunner(cfg, model=model)
+    prompt = ["a red ball bounces across a wooden floor"]
+    out_dir = Path(tempfile.mkdtemp(prefix="bench_infer_"))
+    warm_s = 0.0
+    if args.warmup_chunks:
+        start = time.perf_counter()
+        warm_cfg = infer_config(args, args.warmup_chunks)
+        MagiRunner(warm_cfg, model=model, text_encoder=runner.text_encoder, vae=runner.vae).run(
+            "t2v", prompt, str(out_dir / "warmup.mp4"), progress=False)
+        warm_s = time.perf_counter() - start
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    gen = ChunkGenerator(model, sampler, cond, args.num_chunks, (h, w), seed=0, device=device)
-    sync()
-    start = last = time.perf_counter()
-    per_chunk = []
-    for _ in gen:
-        sync()
-        now = time.perf_counter()
-        per_chunk.append(now - last)
-        last = now
-    total = last - start
-    frames_per_chunk = args.chunk_width * 4
-    steady = per_chunk[1:] or per_chunk
-    return {
-        "model": args.model, "size": f"{args.height}x{args.width}", "device": str(device), "dtype": str(dtype)[6:],
-        "attention": backend, "steps": args.num_steps, "window": args.window_size, "cfg": sampler.cfg_number,
-        "chunks": args.num_chunks, "tokens/chunk": args.chunk_width * (h // 2) * (w // 2),
-        "forwards": gen.forwards, "total_s": total, "first_chunk_s": per_chunk[0],
-        "steady_s_per_chunk": statistics.mean(steady), "mean_s_per_chunk": total / len(per_chunk),
-        "video_fps": frames_per_chunk * len(per_chunk) / total, "steady_video_fps": frames_per_chunk / statistics.mean(steady),
-        "forward_ms": 1000 * total / gen.forwards,
+    stats = runner.run("t2v", prompt, str(out_dir / "bench.mp4"), progress=False)
+    per_chunk = stats["seconds_per_chunk"]
+    W = cfg.sampler.window_size
+    n = len(per_chunk)
+    steady = per_chunk[1:n - W + 1] or per_chunk[1:] or per_chunk
+    frames_per_chunk = stats["frames"] / n
+    m = cfg.model
+    h, w = cfg.video_size_h // 8, cfg.video_size_w // 8
+    result.update({
+        "line": describe_run(cfg, device, dtype), "size": f"{cfg.video_size_h}x{cfg.video_size_w}",
+        "steps": cfg.sampler.num_steps, "window": W, "cfg": cfg.sampler.cfg_number, "distill": m.distill,
+        "chunks": n, "steady_chunks": len(steady), "tokens/chunk": m.chunk_width * (h // 2) * (w // 2),
+        "frames/chunk": frames_per_chunk, "forwards": stats["forwards"], "warmup_s": warm_s,
+        "total_s": stats["seconds"], "first_chunk_s": per_chunk[0],
+        "steady_s_per_chunk": statistics.mean(steady), "steady_video_fps": frames_per_chunk / statistics.mean(steady),
+        "video_fps_all": stats["frames"] / stats["seconds"],
         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else 0.0,
-        "kv_peak_mib": gen.cache.peak_bytes / 2 ** 20, "per_chunk_s": per_chunk,
-    }
+        "kv_peak_mib": stats["kv_cache"]["peak_bytes"] / 2 ** 20, "per_chunk_s": per_chunk,
+    })
+    return result
 
 
 def print_table(r: dict) -> None:
-    rows = [("model", r["model"]), ("video size", r["size"]), ("device / dtype", f"{r['device']} / {r['dtype']}"),
-            ("attention backend", r["attention"]), ("steps / window / cfg", f"{r['steps']} / {r['window']} / {r['cfg']}"),
+    rows = [("run", r["line"]), ("video size", r["size"]),
+            ("steps / window / cfg", f"{r['steps']} / {r['window']} / {r['cfg']}{' (distilled)' if r['distill'] else ''}"),
             ("chunks (tokens each)", f"{r['chunks']} ({r['tokens/chunk']})"), ("forwards", r["forwards"]),
-            ("total s", f"{r['total_s']:.2f}"), ("first chunk s (window fill)", f"{r['first_chunk_s']:.2f}"),
-            ("steady s / chunk", f"{r['steady_s_per_chunk']:.2f}"), ("mean s / chunk", f"{r['mean_s_per_chunk']:.2f}"),
-            ("video frames / s (all)", f"{r['video_fps']:.3f}"), ("video frames / s (steady)", f"{r['steady_video_fps']:.3f}"),
-            ("ms / forward (all passes)", f"{r['forward_ms']:.1f}"), ("peak GPU GiB", f"{r['peak_gpu_gib']:.1f}"),
-            ("KV cache peak MiB", f"{r['kv_peak_mib']:.1f}"),
+            ("warm-up run s (untimed)", f"{r['warmup_s']:.1f}"),
+            ("first chunk s (window fill)", f"{r['first_chunk_s']:.2f}"),
+            (f"steady s / chunk (mean of {r['steady_chunks']})", f"{r['steady_s_per_chunk']:.3f}"),
+            ("steady video frames / s", f"{r['steady_video_fps']:.2f}"),
+            ("all chunks: total s, frames / s", f"{r['total_s']:.1f}, {r['video_fps_all']:.2f}"),
+            ("peak GPU GiB", f"{r['peak_gpu_gib']:.1f}"), ("KV cache peak MiB", f"{r['kv_peak_mib']:.0f}"),
             ("s per chunk", " ".join(f"{s:.2f}" for s in r["per_chunk_s"]))]
+    if "fp8_rel_error" in r:
+        rows.append(("fp8 vs bf16, one window forward", f"rel. error {r['fp8_rel_error']:.4f}, finite {r['fp8_finite']}"))
     width = max(len(k) for k, _ in rows)
     print("| " + "metric".ljust(width) + " | value |")
     print("|-" + "-" * width + "-|-------|")

@@ -115,7 +115,11 @@ def test_hash_encoder_is_fixed_and_discriminative():
 
 
 def test_caption_cleaning():
-    assert clean_caption("  A &amp; B\u2014\u201cRed\u201d\n BALL ") == 'a & b-"red" ball'
+    # the release's cleaning (T5Embedder.clean_caption, twice): html parsed, '&' dropped as bad punctuation
+    assert clean_caption("  A &amp; B\u2014\u201cRed\u201d\n BALL ") == 'a b-"red" ball'
+    assert clean_caption("Visit https://example.com/x now!! <b>bold</b> @user #12 photo.jpg") == "visit now!! bold"
+    assert clean_caption("this-is-my-cute-cat_on_a-mat") == "this is my cute cat on a mat"
+    assert clean_caption("\u4e2d\u6587 A cat, sitting.On the mat:  ok") == "a cat, sitting. on the mat: ok"
 
 
 def test_null_caption_follows_the_dit():

@@ -25,9 +25,12 @@ def cli(tmp_path, mode, *extra, overrides=()):
     return rc, out, (json.loads(stats.read_text()) if stats.exists() else None)
 
 
-def test_t2v_with_chunk_wise_prompts(tmp_path):
+def test_t2v_with_chunk_wise_prompts(tmp_path, capsys):
     rc, out, stats = cli(tmp_path, "t2v", "--prompt", "it bounces", "--prompt_start_chunks", "0,1")
     assert rc == 0 and count_frames(out) == 16 and stats["chunks"] == 2
+    # the first line says what runs
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "magi_infer: attention sdpa_chunked, dtype float32, device cpu, layout tp1 cp1 pp1, compile off")
     info = probe_video(out)
     assert (info["height"], info["width"], round(info["fps"])) == (32, 32, 8)
 

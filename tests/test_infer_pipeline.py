@@ -147,12 +147,36 @@ def test_cfg3_velocity_is_magi1_three_pass_guidance(model):
     assert ws.clean_chunk in gen.cache.chunks(0)
 
 
-def test_i2v_keeps_the_conditioning_frame(model):
+class RecordingGenerator(ChunkGenerator):
+    """Keeps each forward's guided velocity (the release formula below needs the last one of chunk 0)."""
+
+    def velocity(self, ws):
+        v = super().velocity(ws)
+        self.velocities.append((ws, v.clone()))
+        return v
+
+
+def test_i2v_frame0_is_emitted_as_the_release_does(model):
+    """MAGI-1 pads the image into every forward's input and emits frame 0 after the last Euler update:
+    image + v * dt of chunk 0's last step (video_generate.py, integrate_velocity with real_start 0)."""
     n = 2
     image = torch.randn(1, 16, 1, *HW)
-    gen, out = run(model, sampler(cfg_number=2), Conditioning(*captions(model, n), prefix=image, emit_prefix=True), n)
+    s = sampler(cfg_number=2)
+    gen = RecordingGenerator(model, s, Conditioning(*captions(model, n), prefix=image, emit_prefix=True), n, HW)
+    gen.velocities = []
+    out = list(gen)
     assert out[0].frame_start == 0 and out[0].latent.shape[2] == CW
-    assert torch.equal(out[0].latent[:, :, :1], image)
+    ws, v = next((ws, v) for ws, v in gen.velocities if ws.chunks[0] == 0 and ws.steps[0] == s.num_steps - 1)
+    t = time_grid(s.num_steps, s.shift, s.time_schedule, s.shortcut_mode)
+    release = image + v[:, :, :1] * (t[-1] - t[-2])
+    torch.testing.assert_close(out[0].latent[:, :, :1], release, rtol=0, atol=1e-6)
+    assert (out[0].latent[:, :, :1] - image).abs().max() > 1e-3  # the last step did move it
+
+    pinned = run(model, sampler(cfg_number=2, i2v_frame0="pinned"),
+                 Conditioning(*captions(model, n), prefix=image, emit_prefix=True), n)[1]
+    assert torch.equal(pinned[0].latent[:, :, :1], image)
+    # every other frame is the same video: the input of each forward held the image either way
+    torch.testing.assert_close(pinned[0].latent[:, :, 1:], out[0].latent[:, :, 1:], rtol=0, atol=1e-6)
 
 
 def test_v2v_caches_the_prefix_and_keeps_it(model):
@@ -162,7 +186,7 @@ def test_v2v_caches_the_prefix_and_keeps_it(model):
     gen, out = run(model, s, Conditioning(*captions(model, n_gen), prefix=prefix), n_gen + 1)
     assert gen.first_chunk == 1 and [c.chunk for c in out] == [1, 2]
     assert out[0].frame_start == CW + 1 and out[0].latent.shape[2] == CW - 1   # prefix frames not emitted again
-    assert torch.equal(gen.x[:, :, :CW + 1], prefix)
+    assert torch.equal(gen.x[:, :, :CW], prefix[:, :, :CW])   # the cached chunk is never updated
     assert gen.cache.bytes_written > 0 and gen.forwards == len(gen.schedule) + 1  # one prefill forward
 
 

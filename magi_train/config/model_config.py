@@ -5,7 +5,7 @@ from dataclasses import dataclass, fields, replace
 
 from magi_train.errors import ConfigError, check, check_choice
 
-ATTENTION_BACKENDS = ("reference", "sdpa_chunked", "flex", "flash_attn")
+ATTENTION_BACKENDS = ("auto", "reference", "sdpa_chunked", "flex", "flash_attn")
 LAYER_SPECS = ("auto", "local", "megatron", "te")
 
 
@@ -38,7 +38,7 @@ class ModelConfig:
     chunk_width: int = 6               # latent frames per chunk
     rope_reference_tokens: int = 16    # spatial RoPE positions are rescaled to this square token grid
     # --- implementation choices (not part of the checkpoint) ---
-    attention_backend: str = "reference"
+    attention_backend: str = "auto"     # auto: the fastest exact backend for the device (model/attention.py)
     layer_spec: str = "auto"           # auto: megatron linears when parallel.tp > 1, else local; te: Transformer Engine
     params_dtype: str = "float32"      # float32 | bfloat16
 

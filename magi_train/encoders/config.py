@@ -42,7 +42,7 @@ class TextEncoderConfig:
     device: str = "cpu"                # t5_device: where the T5 model runs (outputs come back on it)
     batch_size: int = 8                # prompts per forward pass
     cache_size: int = 256              # distinct prompts kept (LRU); 0 disables the cache
-    clean_captions: bool = True        # lower-case and normalise text as MAGI-1 did before its T5
+    clean_captions: bool = True        # clean text as MAGI-1's T5Embedder does (ftfy, BeautifulSoup, regexes)
     seed: int = 0                      # hash: changes every token vector (a different, equally valid encoder)
 
     def __post_init__(self) -> None:

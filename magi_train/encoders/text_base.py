@@ -1,21 +1,11 @@
 """TextEncoder: the interface every caption encoder offers, with prompt caching and batching done once here."""
 from __future__ import annotations
 
-import html
-import re
 from collections import OrderedDict
 
 import torch
 
-_QUOTES = str.maketrans({"\u201c": '"', "\u201d": '"', "\u00ab": '"', "\u00bb": '"', "`": "'",
-                         "\u2018": "'", "\u2019": "'", "\u2013": "-", "\u2014": "-", "\u2212": "-"})
-
-
-def clean_caption(text: str) -> str:
-    """The part of MAGI-1's caption cleaning that changes tokens of ordinary captions: html entities, case,
-    quotes and dashes, runs of whitespace. (Its URL/hashtag scrubbing matters only for scraped captions.)"""
-    text = html.unescape(html.unescape(str(text))).translate(_QUOTES).lower()
-    return re.sub(r"\s+", " ", text).strip()
+from .caption_clean import clean_caption
 
 
 class TextEncoder:

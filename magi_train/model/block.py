@@ -9,11 +9,11 @@ from torch import nn
 
 from magi_train.config import ModelConfig
 
+from . import fused_ops
 from .attention import caption_cross_attention, chunk_causal_attention
 from .chunk_layout import ChunkLayout
 from .kv_cache import KVCache
 from .norms import LayerNorm1p, softcap
-from .rope import apply_rope
 from .spec import LayerSpec
 
 
@@ -34,6 +34,11 @@ class BlockContext:
 
 def _fp32(device_type: str):
     return torch.autocast(device_type=device_type, enabled=False)
+
+
+def _affine(norm: LayerNorm1p):
+    """The (weight, bias) LayerNorm1p applies (stored weight + 1 when zero-centred, computed as it does)."""
+    return (norm.weight + 1 if norm.zero_centered else norm.weight), norm.bias
 
 
 class LinearQKV(nn.Module):
@@ -100,25 +105,22 @@ class SelfCrossAttention(nn.Module):
     def _heads(self, x, heads):
         return x.reshape(*x.shape[:-1], heads, self.head_dim)
 
-    def _norm_rope(self, x, norm, ctx: BlockContext):
-        dtype = x.dtype
+    def _norm_rope(self, x, norm, ctx: BlockContext | None, out_dtype=None):
+        # fp32 norm (+ RoPE when ctx is given), cast to out_dtype (x's by default): one fused island (fused_ops.py)
         with _fp32(x.device.type):
-            x = apply_rope(norm(x.float()), ctx.rope_cos, ctx.rope_sin)
-        return x.to(dtype)
+            return fused_ops.norm_rope(x, *_affine(norm), norm.eps, None if ctx is None else ctx.rope_cos,
+                                       None if ctx is None else ctx.rope_sin, out_dtype)
 
     def forward(self, x: torch.Tensor, ctx: BlockContext, layer: int) -> torch.Tensor:
         h = self.linear_qkv.layer_norm(x)
         q = self._norm_rope(self._heads(self.linear_qkv.q(h), self.heads), self.q_layernorm, ctx)
         k = self._norm_rope(self._heads(self.linear_qkv.k(h), self.kv_heads), self.k_layernorm, ctx)
         v = self._heads(self.linear_qkv.v(h), self.kv_heads)
-        qx = self._heads(self.linear_qkv.qx(h), self.heads)
-        with _fp32(x.device.type):
-            qx = self.q_layernorm_xattn(qx.float()).to(h.dtype)
+        qx = self._norm_rope(self._heads(self.linear_qkv.qx(h), self.heads), self.q_layernorm_xattn, None, h.dtype)
         kvx = self.linear_kv_xattn(ctx.caption.to(h.dtype))
         kvx = kvx.reshape(*kvx.shape[:-1], self.kv_heads, 2 * self.head_dim)
         kx, vx = kvx[..., :self.head_dim], kvx[..., self.head_dim:]
-        with _fp32(x.device.type):
-            kx = self.k_layernorm_xattn(kx.float()).to(h.dtype)
+        kx = self._norm_rope(kx, self.k_layernorm_xattn, None, h.dtype)
         a, c = self.core(layer, q, k, v, qx, kx, vx, ctx)
         out = torch.cat([a.flatten(-2), c.flatten(-2)], dim=-1)
         return self.linear_proj(out)
@@ -164,10 +166,9 @@ class TransformerLayer(nn.Module):
         self.mlp_post_norm = LayerNorm1p(cfg.hidden_size, eps, zc)
 
     def _gated_residual(self, x, residual, gate, norm):
-        # residual + post_norm(gate * x), in fp32 as MAGI-1 does
+        # residual + post_norm(gate * x), in fp32 as MAGI-1 does: one fused island (model/fused_ops.py)
         with _fp32(x.device.type):
-            out = residual.float() + norm(x.float() * gate)
-        return out.to(residual.dtype)
+            return fused_ops.gated_residual(x, residual, gate, *_affine(norm), norm.eps)
 
     def forward(self, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         gates = self.ada_modulate_layer(ctx.cond.to(x.dtype))      # [B, n, 2D], in the blocks' dtype

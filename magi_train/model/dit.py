@@ -52,6 +52,9 @@ class MagiDiT(nn.Module):
         # Set from outside by magi_train.parallel for context parallelism: shards tokens after embedding and
         # gathers them before the final layer. None = one process holds the whole sequence.
         self.context_parallel = None
+        # Set from outside by inference (MAGI-1's NEG_PROMPT): caption-space tokens [k, C] put in front of the
+        # learned null caption wherever it stands in (null-prompt passes, clean chunks). None: the null caption alone.
+        self.null_caption_prefix: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ inputs
     def _captions(self, caption, caption_mask, dropped, n):
@@ -65,19 +68,27 @@ class MagiDiT(nn.Module):
             raise ValueError(f"caption: expected [B, {n}, L, C] with a matching mask, got {tuple(caption.shape)} "
                              f"and mask {tuple(caption_mask.shape)}")
         caption_mask = caption_mask.bool()
-        if dropped is not None and bool(dropped.any()):
+        if dropped is not None:  # no `dropped.any()` test: it would wait for the GPU at every forward
             L = caption.shape[2]
-            null = self.y_embedder.null_caption_embedding[:L].to(caption.dtype)
+            null = self._null_embedding(L).to(caption.dtype)
+            if null.shape[0] < L:  # captions longer than the learned null caption: zeros after it
+                null = torch.cat([null, null.new_zeros(L - null.shape[0], null.shape[1])])
             null_mask = torch.arange(L, device=caption.device) < self.cfg.null_caption_tokens
             d = dropped[:, :, None]  # [B, n, 1]
             caption = torch.where(d[..., None], null[None, None], caption)
             caption_mask = torch.where(d, null_mask[None, None], caption_mask)
         return caption, caption_mask
 
+    def _null_embedding(self, length: int) -> torch.Tensor:
+        null = self.y_embedder.null_caption_embedding
+        if self.null_caption_prefix is not None:  # MAGI-1 cuts the padded caption back to its length
+            null = torch.cat([self.null_caption_prefix.to(null), null])
+        return null[:length]
+
     def null_caption(self, batch: int, num_chunks: int, length: int | None = None):
         """The empty prompt: (emb [B, n, L, C], mask [B, n, L]) as MAGI-1 feeds for unconditional passes."""
         L = length or self.cfg.caption_max_length
-        emb = self.y_embedder.null_caption_embedding[:L][None, None].expand(batch, num_chunks, -1, -1)
+        emb = self._null_embedding(L)[None, None].expand(batch, num_chunks, -1, -1)
         mask = (torch.arange(L, device=emb.device) < self.cfg.null_caption_tokens)[None, None].expand(batch, num_chunks, -1)
         return emb, mask
 
