@@ -240,8 +240,8 @@ class Trainer:
         for key in (mine, "ema"):
             if key in state and not has_entry(keys, key):
                 state.pop(key)
-        fitted = fit_to_checkpoint(path, state, self.cfg.train.resume_partial,   # one line if the model differs
-                                   model_cfg=dataclasses.asdict(self.cfg.model))
+        # one line if the checkpoint's model differs; with train.resume_partial only what fits is loaded
+        fitted = fit_to_checkpoint(path, state, self.cfg.train.resume_partial, self.cfg.model)
         CheckpointManager.load(path, state, allow_partial=fitted.partial)
         fitted.restore(state)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
@@ -281,8 +281,8 @@ class Trainer:
         for key, present in saved.items():
             if key in state and not present:
                 state.pop(key)
-        fitted = fit_to_checkpoint(path, state, self.cfg.train.resume_partial, same_format=not one_process,
-                                   model_cfg=dataclasses.asdict(self.cfg.model))
+        fitted = fit_to_checkpoint(path, state, self.cfg.train.resume_partial, self.cfg.model,
+                                   same_format=not one_process, stage_only=self.cfg.parallel.pp > 1)
         if one_process:
             load_one_process_checkpoint(path, state)
         else:
