@@ -8,6 +8,7 @@ one line naming the first tensor that differs, before config.yaml is written or 
 optimizer moments and EMA copies) keep this run's initial values."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -33,9 +34,11 @@ def saved_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.size) for k, v in meta.items() if isinstance(v, TensorStorageMetadata)}
 
 
-def differences(saved: dict[str, tuple], wanted: dict[str, tuple], same_format: bool) -> list[tuple[str, str]]:
+def differences(saved: dict[str, tuple], wanted: dict[str, tuple], same_format: bool,
+                whole: set[str] | None = None) -> list[tuple[str, str]]:
     """[(model key, why)] for each model tensor that does not fit, this model's order first. A checkpoint of the
-    other format stores the same tensor in another (whole vs canonical) shape: there only the size counts."""
+    other format stores the same tensor in another (whole vs canonical) shape: there only the size counts.
+    whole: every model key of the whole model, when `wanted` holds only this rank's part (a pipeline stage)."""
     out = []
     for key, shape in wanted.items():
         if key not in saved:
@@ -43,7 +46,7 @@ def differences(saved: dict[str, tuple], wanted: dict[str, tuple], same_format: 
         elif saved[key] != shape and (same_format or _numel(saved[key]) != _numel(shape)):
             out.append((key, f"{key} is {list(saved[key])} in the checkpoint, {list(shape)} in this model"))
     for key, shape in saved.items():
-        if key.startswith(MODEL) and key not in wanted:
+        if key.startswith(MODEL) and key not in (wanted if whole is None else whole):
             out.append((key, f"the checkpoint has {key} {list(shape)}, this model does not"))
     return out
 
@@ -79,12 +82,13 @@ def _mentions(key: str, names: set[str]) -> bool:
     return any(f".{n}." in dotted for n in names)
 
 
-def config_differences(path: Path, model_cfg: dict | None) -> str:
+def config_differences(path: Path, model_cfg) -> str:
     """' (model.num_layers: 2 in the run's config.yaml, 1 now)' for the run that wrote the checkpoint at `path`
     ({run}/checkpoints/step_*), or '' when its config.yaml is not there or says the same."""
     run_config = path.parent.parent / "config.yaml"
     if model_cfg is None or not run_config.is_file():
         return ""
+    model_cfg = dataclasses.asdict(model_cfg)
     try:
         import yaml
 
@@ -96,16 +100,25 @@ def config_differences(path: Path, model_cfg: dict | None) -> str:
     return f" ({'; '.join(diffs[:3])})" if diffs else ""
 
 
-def fit_to_checkpoint(path: str | os.PathLike, state: dict, allow_partial: bool, same_format: bool = True,
-                      model_cfg: dict | None = None) -> Fitted:
+def whole_model_keys(model_cfg) -> set[str]:
+    """'model.NAME' of every parameter of the whole model (built on the meta device: no memory)."""
+    from magi_train.model import build_dit
+
+    return {MODEL + n for n, _ in build_dit(model_cfg, device="meta").named_parameters()}
+
+
+def fit_to_checkpoint(path: str | os.PathLike, state: dict, allow_partial: bool, model_cfg=None,
+                      same_format: bool = True, stage_only: bool = False) -> Fitted:
     """Check `state` (what the run would load) against the checkpoint at `path`. Raises ResumeMismatch with one
     line when a model tensor differs (naming the model.* settings that differ from the run's config.yaml when
-    model_cfg, this run's model config as a dict, is given); with allow_partial removes the entries of every
-    such tensor instead (weights, optimizer moments, EMA) and logs what was left out."""
+    model_cfg, this run's ModelConfig, is given); with allow_partial removes the entries of every such tensor
+    instead (weights, optimizer moments, EMA) and logs what was left out. stage_only: the state holds one
+    pipeline stage's part of the model (the checkpoint's other tensors belong to the other stages)."""
     path = Path(path)
     flat, mapping = flatten_state_dict(state)
     wanted = {k: tuple(v.shape) for k, v in flat.items() if k.startswith(MODEL) and torch.is_tensor(v)}
-    diffs = differences(saved_shapes(path), wanted, same_format)
+    whole = whole_model_keys(model_cfg) if stage_only else None
+    diffs = differences(saved_shapes(path), wanted, same_format, whole)
     if not diffs:
         return Fitted([])
     if not allow_partial:

@@ -215,8 +215,8 @@ class Trainer:
         for key, present in saved.items():
             if key in state and not present:
                 state.pop(key)
-        fitted = fit_to_checkpoint(path, state, self.cfg.train.resume_partial, same_format=not one_process,
-                                   model_cfg=dataclasses.asdict(self.cfg.model))
+        fitted = fit_to_checkpoint(path, state, self.cfg.train.resume_partial, self.cfg.model,
+                                   same_format=not one_process, stage_only=self.cfg.parallel.pp > 1)
         if one_process:
             load_one_process_checkpoint(path, state)
         else:
