@@ -217,3 +217,24 @@ def test_shortcut_distill_needs_teacher_student_and_init(tmp_path):
     cfg = load_config([*base, f"distill.teacher={tmp_path}", "model.distill=true", f"train.init_from={tmp_path}"])
     validate_config(cfg)
     assert dataclasses.asdict(cfg.distill)["budgets"] == [64, 32, 16, 8]
+
+
+def test_plan_counts_the_teacher_and_its_forwards(capsys):
+    from magi_train.objectives.distill_cost import teacher_forward_flops
+    from magi_train.plan import build_plan_inputs, main
+    from magi_train.parallel.memory_estimate import estimate
+    from magi_train.training.flops import forward_flops
+
+    keys = ["model=4.5B", "parallel.dp=8", "parallel.dp_mode=fsdp", "data.resolution=[480,832]", "data.num_frames=96"]
+    cfg, pcfg, world, shape, precision, _, _, cost = build_plan_inputs([*keys, "train.objective=shortcut_distill",
+                                                                        "distill.target_model=ema"])
+    base = estimate(cfg, pcfg, world, shape, precision=precision)
+    dist = estimate(cfg, pcfg, world, shape, precision=precision, **cost)
+    assert cost["frozen_copies"] == 2
+    assert dist.weights == pytest.approx(3 * base.weights)           # student + teacher + EMA target, same shards
+    whole = forward_flops(cfg, 24, 60, 104, shape.caption_len)
+    teacher = teacher_forward_flops(cfg, 24, 60, 104, shape.caption_len, 3)
+    assert 2 * whole < teacher < 3 * whole                            # text + context + four one-chunk passes
+    assert dist.flops_per_step == pytest.approx(base.flops_per_step / (3 * whole) * (teacher + 5 * whole))
+    assert main([*keys, "train.objective=shortcut_distill", "distill.budgetz=[8]"]) == 2
+    assert "distill.budgetz: unknown key" in capsys.readouterr().err
