@@ -214,7 +214,10 @@ def test_shortcut_distill_needs_teacher_student_and_init(tmp_path):
         validate_config(load_config([*base, f"distill.teacher={tmp_path}"]))
     with pytest.raises(ConfigError, match="^train.init_from: "):
         validate_config(load_config([*base, f"distill.teacher={tmp_path}", "model.distill=true"]))
-    cfg = load_config([*base, f"distill.teacher={tmp_path}", "model.distill=true", f"train.init_from={tmp_path}"])
+    ready = [*base, f"distill.teacher={tmp_path}", "model.distill=true", f"train.init_from={tmp_path}"]
+    with pytest.raises(ConfigError, match="^train.validation.every_steps: "):
+        validate_config(load_config(ready))
+    cfg = load_config([*ready, "train.validation.every_steps=0"])
     validate_config(cfg)
     assert dataclasses.asdict(cfg.distill)["budgets"] == [64, 32, 16, 8]
 

@@ -76,6 +76,9 @@ def validate_distill(cfg) -> None:
           "train.objective=shortcut_distill trains a step-size conditioned student: set model.distill=true")
     check(bool(cfg.train.init_from), "train.init_from",
           "train.objective=shortcut_distill starts the student from a checkpoint (usually distill.teacher's)")
+    check(cfg.train.validation.every_steps == 0, "train.validation.every_steps",
+          "the held-out loss is the flow-matching loss of a base model; set 0 for train.objective=shortcut_distill "
+          f"(judge a student with scripts/eval_distill.py), got {cfg.train.validation.every_steps}")
 
 
 __all__ = ["DistillConfig", "validate_distill", "TARGET_MODELS", "LOSSES"]
