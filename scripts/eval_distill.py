@@ -12,7 +12,8 @@
 Per setting: window forwards per generated chunk (ChunkGenerator.forwards) and network calls per chunk (every
 DiT call: the cfg-3 passes, the nearly-clean extra pass, prefill), wall time per clip (CPU, after one warm-up
 clip), V2V scores against the true continuation (PSNR, SSIM, trajectory error: magi_train.evaluation) and the
-distance to the teacher's own continuation (PSNR / SSIM against it). Every setting continues every clip from
+distance to the teacher's own continuation: relative L2 error of the generated latents ||z - z_teacher|| / ||z_teacher||
+(independent of the VAE) and PSNR / SSIM of the decoded frames against the teacher's. Every setting continues every clip from
 the same noise (the config's seed). Prints a markdown table."""
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def run_setting(config_file: str, overrides: list[str], clips: list[Path], prefi
     runner = MagiRunner(cfg)
     calls = [0]
     hook = runner.model.register_forward_pre_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
-    preds, times, fwd, net = [], [], [], []
+    preds, latents, times, fwd, net = [], [], [], [], []
     try:
         for i, clip in enumerate([clips[0], *clips]):        # the first clip twice: warm-up, not timed
             caption = clip.with_suffix(".txt").read_text().strip()
@@ -57,16 +58,19 @@ def run_setting(config_file: str, overrides: list[str], clips: list[Path], prefi
             t0 = time.perf_counter()
             with torch.no_grad():
                 gen = runner.generator("v2v", [caption], prefix_video_path=str(clip))
-                frames = np.concatenate([px for _, px in runner.frames(gen)])[:future]
+                chunks, pixels = zip(*runner.frames(gen))
+                frames = np.concatenate(pixels)[:future]
+                latent = torch.cat([c.latent.float().cpu() for c in chunks], 2).numpy()
             if i == 0:
                 continue
             times.append(time.perf_counter() - t0)
             fwd.append(gen.forwards / gen.num_generated_chunks)
             net.append(calls[0] / gen.num_generated_chunks)
             preds.append(frames)
+            latents.append(latent)
     finally:
         hook.remove()
-    return preds, float(np.mean(times)), float(np.mean(fwd)), float(np.mean(net))
+    return preds, latents, float(np.mean(times)), float(np.mean(fwd)), float(np.mean(net))
 
 
 def main(argv=None) -> int:
@@ -79,6 +83,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prefix_frames", type=int, default=12)
     ap.add_argument("--num_frames", type=int, default=12)
     ap.add_argument("--out", default=None, help="folder for summary.json and a side-by-side mp4 of the first clip")
+    ap.add_argument("--cache", default=None, help="folder keeping each setting's continuations (rerun only what is new)")
+    ap.add_argument("--only", type=int, default=None, help="run the first ONLY settings (e.g. 2: teacher and base)")
     args = ap.parse_args(argv)
     clips = sorted(p for p in Path(args.clips).glob("*.mp4") if p.with_suffix(".json").exists())[: args.max_clips]
     if not clips:
@@ -86,11 +92,21 @@ def main(argv=None) -> int:
         return 2
     P, F = args.prefix_frames, args.num_frames
     results, teacher = {}, None
-    for name, overrides in settings(args.base, args.student).items():
-        preds, sec, fwd, net = run_setting(args.config_file, overrides, clips, P, F)
-        teacher = preds if teacher is None else teacher
-        scores = {"psnr": [], "ssim": [], "traj": [], "psnr_t": [], "ssim_t": []}
-        for clip, pred, ref in zip(clips, preds, teacher, strict=True):
+    for k, (name, overrides) in enumerate(settings(args.base, args.student).items()):
+        if args.only is not None and k >= args.only:
+            break
+        cached = Path(args.cache) / f"setting{k}_{len(clips)}clips.npz" if args.cache else None
+        if cached is not None and cached.exists():
+            z = np.load(cached)
+            preds, latents, (sec, fwd, net) = list(z["preds"]), list(z["latents"]), z["stats"].tolist()
+        else:
+            preds, latents, sec, fwd, net = run_setting(args.config_file, overrides, clips, P, F)
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                np.savez(cached, preds=np.stack(preds), latents=np.stack(latents), stats=np.array([sec, fwd, net]))
+        teacher = (preds, latents) if teacher is None else teacher
+        scores = {"psnr": [], "ssim": [], "traj": [], "psnr_t": [], "ssim_t": [], "lat_t": []}
+        for clip, pred, ref, lat, lat_ref in zip(clips, preds, teacher[0], latents, teacher[1], strict=True):
             frames, _ = read_video(clip)
             s = score_continuation(pred, frames[P:P + F], json.loads(clip.with_suffix(".json").read_text()), P)
             scores["psnr"].append(np.nanmean(s.psnr))
@@ -98,18 +114,20 @@ def main(argv=None) -> int:
             scores["traj"].append(np.nanmean(s.traj_err))
             scores["psnr_t"].append(np.mean(np.minimum(psnr_per_frame(pred, ref), 100.0)))
             scores["ssim_t"].append(np.mean(ssim_per_frame(pred, ref)))
+            scores["lat_t"].append(float(np.linalg.norm(lat - lat_ref) / np.linalg.norm(lat_ref)))
         results[name] = dict(fwd=fwd, net=net, sec=sec, **{k: float(np.nanmean(v)) for k, v in scores.items()},
                              first=preds[0])
         print(f"[eval_distill] {name}: done", flush=True)
     print(f"{len(clips)} held-out clips, {P} prefix frames -> {F} predicted frames (V2V)")
     print("| setting | window forwards / chunk | network calls / chunk | s / clip | PSNR dB | SSIM | trajectory "
-          "error px | PSNR vs teacher dB | SSIM vs teacher |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "error px | latent error vs teacher | PSNR vs teacher dB | SSIM vs teacher |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         vs = "(reference)" if name.startswith("teacher") else f"{r['psnr_t']:.2f}"
         vs_s = "(reference)" if name.startswith("teacher") else f"{r['ssim_t']:.3f}"
+        vs_l = "(reference)" if name.startswith("teacher") else f"{r['lat_t']:.4f}"
         print(f"| {name} | {r['fwd']:.1f} | {r['net']:.1f} | {r['sec']:.2f} | {r['psnr']:.2f} | {r['ssim']:.3f} | "
-              f"{r['traj']:.2f} | {vs} | {vs_s} |")
+              f"{r['traj']:.2f} | {vs_l} | {vs} | {vs_s} |")
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

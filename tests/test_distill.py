@@ -241,3 +241,13 @@ def test_plan_counts_the_teacher_and_its_forwards(capsys):
     assert dist.flops_per_step == pytest.approx(base.flops_per_step / (3 * whole) * (teacher + 5 * whole))
     assert main([*keys, "train.objective=shortcut_distill", "distill.budgetz=[8]"]) == 2
     assert "distill.budgetz: unknown key" in capsys.readouterr().err
+
+
+def test_distill_entry_point_is_training_with_the_distill_objective(tmp_path, capsys):
+    """slurm/distill.sbatch runs magi_train.distill: the training entry point with the objective set first, so a
+    missing teacher is the one-line config error of training (exit code 2)."""
+    from magi_train.distill import main
+
+    assert main(["--help"]) == 0 and "distill.*" in capsys.readouterr().out
+    assert main(["experiment=smoke", f"output_dir={tmp_path}"]) == 2
+    assert "distill.teacher: " in capsys.readouterr().err
