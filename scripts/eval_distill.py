@@ -30,13 +30,14 @@ from magi_train.evaluation.continuation import score_continuation
 from magi_train.evaluation.image_metrics import psnr_per_frame, ssim_per_frame
 
 
-def settings(base: str, student: str) -> dict[str, list[str]]:
+def settings(base: str, student: str, student_keys: list[str]) -> dict[str, list[str]]:
+    s = student_keys
     return {
         "teacher (base, 64 steps, cfg 3)": [f"load={base}", "num_steps=64", "cfg_number=3"],
         "base, 8 steps, cfg 3": [f"load={base}", "num_steps=8", "cfg_number=3"],
-        "student, 8 steps, cfg 1": [f"load={student}", "distill=true", "num_steps=8", "cfg_number=1"],
+        "student, 8 steps, cfg 1": [f"load={student}", "distill=true", "num_steps=8", "cfg_number=1", *s],
         "student, 12-step shortcut 8,16,16, cfg 1": [f"load={student}", "distill=true", "num_steps=12",
-                                                      "shortcut_mode=8,16,16", "cfg_number=1"],
+                                                      "shortcut_mode=8,16,16", "cfg_number=1", *s],
     }
 
 
@@ -84,6 +85,8 @@ def main(argv=None) -> int:
     ap.add_argument("--num_frames", type=int, default=12)
     ap.add_argument("--out", default=None, help="folder for summary.json and a side-by-side mp4 of the first clip")
     ap.add_argument("--cache", default=None, help="folder keeping each setting's continuations (rerun only what is new)")
+    ap.add_argument("--student_keys", nargs="*", default=[], help="run-time keys for the student settings only "
+                    "(e.g. distill_nearly_clean_chunk_threshold=1.0: no nearly-clean extra pass)")
     ap.add_argument("--only", type=int, default=None, help="run the first ONLY settings (e.g. 2: teacher and base)")
     args = ap.parse_args(argv)
     clips = sorted(p for p in Path(args.clips).glob("*.mp4") if p.with_suffix(".json").exists())[: args.max_clips]
@@ -92,10 +95,11 @@ def main(argv=None) -> int:
         return 2
     P, F = args.prefix_frames, args.num_frames
     results, teacher = {}, None
-    for k, (name, overrides) in enumerate(settings(args.base, args.student).items()):
+    for k, (name, overrides) in enumerate(settings(args.base, args.student, args.student_keys).items()):
         if args.only is not None and k >= args.only:
             break
-        cached = Path(args.cache) / f"setting{k}_{len(clips)}clips.npz" if args.cache else None
+        tag = f"setting{k}_{len(clips)}clips" + ("_" + "_".join(args.student_keys) if k >= 2 and args.student_keys else "")
+        cached = Path(args.cache) / f"{tag.replace('=', '-')}.npz" if args.cache else None
         if cached is not None and cached.exists():
             z = np.load(cached)
             preds, latents, (sec, fwd, net) = list(z["preds"]), list(z["latents"]), z["stats"].tolist()
