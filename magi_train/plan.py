@@ -7,7 +7,9 @@ Keys: model=<preset> and model.<field>; parallel.<field>; data.resolution=[H,W] 
 pixels and frames; the MAGI-1 VAE makes them 8x / 4x smaller) or data.latent_frames/latent_height/latent_width;
 data.batch_size (per rank and microbatch); data.text_length (caption tokens, default model.caption_max_length);
 train.grad_accum_steps (microbatches when pp=1); train.precision (bf16 | fp32); train.activation_checkpointing;
-world_size (or nodes x gpus_per_node; default tp*cp*pp*dp); gpu_memory_gib (default 80)."""
+world_size (or nodes x gpus_per_node; default tp*cp*pp*dp); gpu_memory_gib (default 80).
+Distillation: train.objective=shortcut_distill counts the frozen teacher (and distill.target_model=ema's copy)
+beside the student and the teacher's guidance passes (distill.cfg_number) and the target's two half steps."""
 from __future__ import annotations
 
 import sys
@@ -32,10 +34,10 @@ def _parse(argv: list[str]) -> dict:
 
 def build_plan_inputs(argv: list[str]):
     tree = _parse(argv)
-    unknown = set(tree) - {"model", "parallel", "data", "train", *PLAN_KEYS}
+    unknown = set(tree) - {"model", "parallel", "data", "train", "distill", *PLAN_KEYS}
     if unknown:
         raise ConfigError(f"{sorted(unknown)[0]}: unknown key; accepted: model, parallel.*, data.*, train.*, "
-                          f"{', '.join(PLAN_KEYS)}")
+                          f"distill.*, {', '.join(PLAN_KEYS)}")
     model = tree.get("model", "tiny")
     if isinstance(model, dict):
         preset = model.pop("preset", "tiny")
@@ -79,7 +81,27 @@ def build_plan_inputs(argv: list[str]):
     if precision not in ("bf16", "fp32"):
         raise ConfigError(f"train.precision: got {precision!r}, accepted values are 'bf16', 'fp32', 'auto'")
     return cfg, pcfg, world, shape, precision, bool(train.get("activation_checkpointing", False)), \
-        float(tree.get("gpu_memory_gib", 80))
+        float(tree.get("gpu_memory_gib", 80)), _objective_cost(train, tree.get("distill", {}) or {}, cfg, shape)
+
+
+def _objective_cost(train: dict, distill: dict, cfg, shape) -> dict:
+    """estimate()'s extra keywords for the objective: frozen copies and FLOPs of a distillation step."""
+    objective = str(train.get("objective", "flow_matching"))
+    if objective == "flow_matching":
+        return {}
+    if objective != "shortcut_distill":
+        raise ConfigError(f"train.objective: got {objective!r}, accepted values are 'flow_matching', 'shortcut_distill'")
+    from magi_train.config.distill_config import DistillConfig
+    from magi_train.objectives.distill_cost import distill_step_flops, frozen_copies
+
+    known = {f.name for f in fields(DistillConfig)}
+    for k in distill:
+        if k not in known:
+            raise ConfigError(f"distill.{k}: unknown key; accepted keys are {', '.join(sorted(known))}")
+    d = DistillConfig(**distill)
+    return dict(frozen_copies=frozen_copies(d.target_model),
+                sample_flops=distill_step_flops(cfg, shape.latent_frames, shape.latent_height, shape.latent_width,
+                                                shape.caption_len, d.cfg_number))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0
     try:
-        cfg, pcfg, world, shape, precision, ckpt, gpu_gib = build_plan_inputs(argv)
-        est = estimate(cfg, pcfg, world, shape, precision=precision)
+        cfg, pcfg, world, shape, precision, ckpt, gpu_gib, cost = build_plan_inputs(argv)
+        est = estimate(cfg, pcfg, world, shape, precision=precision, **cost)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ from magi_train.data.config import DataConfig
 from magi_train.encoders.config import TextEncoderConfig, VAEConfig
 
 from magi_train.errors import ConfigError, check, check_choice
+from .distill_config import DistillConfig, validate_distill
 from .model_config import PRESETS, ModelConfig
 from .parallel_config import ParallelConfig
 from .train_config import TrainConfig
@@ -70,6 +71,7 @@ class MagiConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     encoders: EncodersConfig = field(default_factory=EncodersConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)   # train.objective=shortcut_distill
 
     def __post_init__(self) -> None:
         check(bool(self.name) and "/" not in self.name, "name",
@@ -245,6 +247,7 @@ def validate_config(cfg: MagiConfig, world_size: int = 1) -> None:
         check(cfg.train.init_from.strip() != "", "train.init_from", "must be a path or null")
     if cfg.resume not in RESUME_CHOICES:
         check(cfg.resume.strip() != "", "resume", "must be 'auto', 'none' or a checkpoint directory")
+    validate_distill(cfg)
 
 
 __all__ = ["MagiConfig", "SyntheticDataConfig", "EncodersConfig", "build_config", "build_dataclass",

@@ -17,6 +17,7 @@ import torch
 
 __all__ = [
     "TIME_SCHEDULES", "parse_shortcut_mode", "shortcut_applies", "base_time_grid", "shift_time", "time_grid",
+    "schedule_time",
     "distill_dt_factors", "euler_step", "cfg_bins", "cfg_scales", "combine_cfg", "blend_prev_chunks",
 ]
 
@@ -76,13 +77,17 @@ def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
 def time_grid(num_steps: int, shift: float = 3.0, schedule: str = "sd3", shortcut_mode: str = "",
               device=None) -> torch.Tensor:
     """Noise levels t_0 = 0 < ... < t_N = 1 a chunk walks through (MAGI-1: square, then shift 3)."""
-    t = base_time_grid(num_steps, shortcut_mode, device)
+    return schedule_time(base_time_grid(num_steps, shortcut_mode, device), shift, schedule)
+
+
+def schedule_time(u: torch.Tensor, shift: float = 3.0, schedule: str = "sd3") -> torch.Tensor:
+    """Base grid position u in [0, 1] -> noise level t (the transform of time_grid, for any u)."""
     if schedule == "sd3":
-        return shift_time(t ** 2, shift)
+        return shift_time(u ** 2, shift)
     if schedule == "square":
-        return t ** 2
+        return u ** 2
     if schedule == "identity":
-        return t
+        return u
     raise ValueError(f"time_schedule: got {schedule!r}, accepted values are {', '.join(TIME_SCHEDULES)}")
 
 

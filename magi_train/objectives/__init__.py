@@ -9,8 +9,14 @@ def _flow_matching(cfg, runtime, model):
     return FlowMatchingObjective(cfg.train.flow, cfg.model.chunk_width, runtime.env.device)
 
 
+def _shortcut_distill(cfg, runtime, model):
+    from .shortcut_distill import build_shortcut_distill   # late: it builds the teacher through the runtime
+
+    return build_shortcut_distill(cfg, runtime, model)
+
+
 # name -> builder(cfg, runtime, model) -> Objective; runtime builds frozen auxiliary models in the run's layout
-OBJECTIVES = {"flow_matching": _flow_matching}
+OBJECTIVES = {"flow_matching": _flow_matching, "shortcut_distill": _shortcut_distill}
 
 
 def build_objective(cfg, runtime, model) -> Objective:

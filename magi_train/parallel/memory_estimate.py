@@ -143,9 +143,11 @@ def _per_token_layer(cfg: ModelConfig, tp: int, precision: str) -> tuple[float, 
 
 
 def estimate(cfg: ModelConfig, pcfg: ParallelConfig, world_size: int, shape: StepShape, *,
-             precision: str = "bf16", optimizer: str = "adamw", optimizer_foreach: bool | None = None
-             ) -> MemoryEstimate:
-    """precision: 'bf16' (bf16 autocast; weights in model.params_dtype) or 'fp32'."""
+             precision: str = "bf16", optimizer: str = "adamw", optimizer_foreach: bool | None = None,
+             frozen_copies: int = 0, sample_flops: float | None = None) -> MemoryEstimate:
+    """precision: 'bf16' (bf16 autocast; weights in model.params_dtype) or 'fp32'. frozen_copies: frozen models
+    placed like the trained one (a distillation teacher, an EMA target), counted as weights; sample_flops: FLOPs
+    of one sample's step when the objective runs more than one forward and backward (distillation)."""
     dp = pcfg.validate_world(world_size)
     pcfg.validate_model(cfg)
     tp, cp, pp = pcfg.tp, pcfg.cp, pcfg.pp
@@ -174,6 +176,10 @@ def estimate(cfg: ModelConfig, pcfg: ParallelConfig, world_size: int, shape: Ste
     grads = local_params * pbytes * on_gpu
     states = OPTIMIZER_STATES.get(optimizer, 2)
     opt_bytes = local_params * pbytes * states * on_gpu
+    frozen = frozen_copies * local_params * pbytes * on_gpu
+    if frozen_copies:   # sharded like the trained weights; their no-grad forwards run before the step's own
+        notes.append(f"weights include {frozen_copies} frozen cop{'y' if frozen_copies == 1 else 'ies'} "
+                     f"(teacher, EMA target): {frozen / GiB:.2f} GiB")
     fsdp_buffers = 0.0
     if pcfg.dp_mode == "fsdp" and shard > 1:
         fsdp_buffers = 2 * (sharded + replicated) * pbytes   # the running layer and the prefetched one
@@ -207,6 +213,7 @@ def estimate(cfg: ModelConfig, pcfg: ParallelConfig, world_size: int, shape: Ste
     # step then adds its temporaries (foreach AdamW: one parameter-sized list, measured; fused: none)
     foreach = optimizer_foreach if optimizer_foreach is not None else (precision == "fp32")
     opt_tmp = weights if (foreach and optimizer == "adamw") else 0.0
+    weights += frozen
     base = weights + opt_bytes + fsdp_buffers
 
     def peak_with(a):
@@ -215,7 +222,9 @@ def estimate(cfg: ModelConfig, pcfg: ParallelConfig, world_size: int, shape: Ste
     from magi_train.training.flops import train_flops
 
     samples = B * shape.microbatches * dp
-    flops = train_flops(cfg, shape.latent_frames, shape.latent_height, shape.latent_width, shape.caption_len) * samples
+    if sample_flops is None:
+        sample_flops = train_flops(cfg, shape.latent_frames, shape.latent_height, shape.latent_width, shape.caption_len)
+    flops = sample_flops * samples
     if cp > 1:
         notes.append("context parallel: attention runs Ulysses-style, every rank the same share of the "
                      "chunk-causal work")

@@ -166,9 +166,14 @@ class TrainingRuntime:
 
     # ------------------------------------------------------------------ export, end
     def export(self, ema, out_dir, dtype: str):
-        """MAGI-1 safetensors from this layout (EMA weights when given); the directory on rank 0."""
+        """MAGI-1 safetensors from this layout (EMA weights when given); the directory on rank 0. A distilled
+        (dt-conditioned) model goes into out_dir/inference_weight.distill/, the release's distill layout."""
+        from pathlib import Path
+
         from magi_train.checkpoint.sharded import export_magi
 
+        if self.plan.model_cfg.distill:
+            out_dir = Path(out_dir) / "inference_weight.distill"
         tensors = dict(ema.shadow) if ema is not None else None
         return export_magi(self.model, out_dir, DTYPES[dtype],
                            tensors=tensors)
