@@ -12,7 +12,8 @@ keys of the same name) or full overrides (key.sub=value). Columns: model TFLOP/s
 (magi_train.training.flops; recompute excluded, as MFU usually is); 'with recompute' adds the FLOPs the recompute
 policy runs again (full: the blocks' forward; selective: their linear layers), i.e. what the GPU executed. MFU is
 against the bf16 dense peak of the device (989 TFLOP/s on H100/H200) also for fp8 runs. Peak memory is
-torch.cuda.max_memory_allocated of rank 0."""
+torch.cuda.max_memory_allocated of rank 0 (the process's peak resident memory on CPU). Mean loss: over the steps
+after warm-up; runs of one --set draw the same data and noise, so precisions compare on it."""
 from __future__ import annotations
 
 import argparse
@@ -94,12 +95,13 @@ def summarise(run_dir: Path, warmup: int) -> dict:
             "tokens_s": statistics.median(r["tokens_per_s"] for r in steady), "tflops": model_tflops,
             "tflops_hw": hw_tflops, "mfu": model_tflops * peak if peak else None,
             "mfu_hw": hw_tflops * peak if peak else None,
-            "peak_gib": max(r["peak_mem_gib"] for r in steady), "loss": steady[-1]["loss"]}
+            "peak_gib": max(r["peak_mem_gib"] for r in steady),
+            "loss": statistics.fmean(r["loss"] for r in steady)}
 
 
 def table(rows: list[dict]) -> str:
     head = ("| layout | layers | precision | recompute | compile | s/step | tokens/s | model TFLOP/s | MFU | "
-            "TFLOP/s with recompute | MFU with recompute | peak GiB |")
+            "TFLOP/s with recompute | MFU with recompute | peak GiB | mean loss |")
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if "error" in r:
@@ -107,8 +109,8 @@ def table(rows: list[dict]) -> str:
             continue
         pct = (lambda x: f"{100 * x:.1f} %" if x is not None else "n/a")
         out.append(f"| {r['layout']} | {r['layers']} | {r['precision']} | {r['recompute']} | {r['compile']} | "
-                   f"{r['step_s']:.3f} | {r['tokens_s']:,.0f} | {r['tflops']:.0f} | {pct(r['mfu'])} | "
-                   f"{r['tflops_hw']:.0f} | {pct(r['mfu_hw'])} | {r['peak_gib']:.1f} |")
+                   f"{r['step_s']:.3f} | {r['tokens_s']:,.0f} | {r['tflops']:.3g} | {pct(r['mfu'])} | "
+                   f"{r['tflops_hw']:.3g} | {pct(r['mfu_hw'])} | {r['peak_gib']:.1f} | {r['loss']:.4f} |")
     return "\n".join(out)
 
 

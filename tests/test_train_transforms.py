@@ -169,3 +169,25 @@ def test_torchao_fp8_through_parallelize(recipe):
     assert ((a - b).norm() / a.norm()).item() < 0.1     # e4m3 GEMMs, random weights
     b.square().mean().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.skipif(not HAS_TORCHAO, reason="torchao not installed")
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"])
+def test_torchao_fp8_composes_with_selective_recompute_and_compile(compiled):
+    """The train.* speed keys at once, in parallelize's order: the fp8 gradients are those without recompute
+    (and compile; the compiled case is slow on CPU: compile time)."""
+    from torch._dynamo.backends.debugging import aot_eager
+
+    torch._dynamo.reset()
+    cfg = model_preset("tiny", attention_backend="sdpa_chunked", num_layers=1)
+    plain = randomize_(build_dit(cfg), std=0.05)
+    fast = build_dit(cfg)
+    fast.load_state_dict(plain.state_dict())
+    apply_transforms(plain, model_transforms(TrainConfig(fp8="torchao")))
+    apply_transforms(fast, model_transforms(TrainConfig(fp8="torchao", recompute="selective")))
+    if compiled:
+        compile_blocks(fast, backend=aot_eager)
+    inputs = _inputs(cfg, chunks=2)
+    want, got = _grads(plain, inputs), _grads(fast, inputs)
+    for n in want:
+        assert torch.allclose(got[n], want[n], rtol=1e-4, atol=1e-7), n

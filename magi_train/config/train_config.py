@@ -212,6 +212,9 @@ class TrainConfig:
         check_choice(self.recompute, f"{p}.recompute", RECOMPUTE_MODES)
         _int(self.recompute_every, f"{p}.recompute_every")
         check_choice(self.fp8, f"{p}.fp8", FP8_MODES)
+        check(self.fp8 != "none" or self.fp8_recipe == "auto", f"{p}.fp8_recipe",
+              f"{self.fp8_recipe!r} is a recipe of train.fp8 torchao (tensorwise, rowwise) or te (delayed, current, "
+              f"block); train.fp8 is 'none'")
         check_choice(self.fp8_recipe, f"{p}.fp8_recipe", FP8_RECIPES[self.fp8])
         if self.fp8_all_gather:
             check(self.fp8 == "torchao" and self.fp8_recipe in ("auto", "tensorwise"), f"{p}.fp8_all_gather",
