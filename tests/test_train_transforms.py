@@ -50,11 +50,13 @@ def test_compiled_blocks_trace_one_graph_with_their_recompute(mode):
     compiled.load_state_dict(eager.state_dict())
     apply_transforms(compiled, ModelTransforms(recompute=RecomputePolicy(mode)))
     compile_blocks(compiled, backend=counting)
-    inputs = _inputs(CFG)
+    # a [B, L] caption mask, expanded over the chunks, then a step with captions dropped (a new mask tensor)
+    inputs = (*_inputs(CFG), torch.ones(1, 8, dtype=torch.bool))
+    dropped = (*inputs, torch.tensor([[False, True, False, True]]))
     want = _grads(eager, inputs)
-    for _ in range(2):
-        got = _grads(compiled, inputs)
-    assert len(graphs) == 1, f"{len(graphs)} graphs for {CFG.num_layers} blocks x 2 steps"
+    for step in (inputs, dropped, inputs):
+        got = _grads(compiled, step)
+    assert len(graphs) == 1, f"{len(graphs)} graphs for {CFG.num_layers} blocks x 3 steps"
     if mode != "none":
         assert any("checkpoint" in str(n.target) for n in graphs[0].graph.nodes), "recompute not in the graph"
     assert set(got) == set(want)

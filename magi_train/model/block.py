@@ -65,7 +65,8 @@ class LinearQKV(nn.Module):
         self.v = spec.column(cfg.hidden_size, cfg.kv_dim, "v")
 
     def forward(self, x: torch.Tensor):
-        """x -> (q, qx, k, v) of the normed hidden state, from one GEMM where the linears allow it."""
+        """x -> (q, qx, k, v, dtype): the projections of the normed hidden state, from one GEMM where the linears
+        allow it, and the normed state's dtype (MAGI-1 casts the cross-attention inputs to it)."""
         h = self.layer_norm(x)
         q, qx, k, v = fused_column_projection(h, (self.q, self.qx, self.k, self.v))
         return q, qx, k, v, h.dtype

@@ -72,7 +72,8 @@ class MagiDiT(nn.Module):
             d = dropped[:, :, None]  # [B, n, 1]
             caption = torch.where(d[..., None], null[None, None], caption)
             caption_mask = torch.where(d, null_mask[None, None], caption_mask)
-        return caption, caption_mask
+        # one memory layout whether or not a caption was dropped: compiled blocks guard on it (a recompile otherwise)
+        return caption, caption_mask.contiguous()
 
     def null_caption(self, batch: int, num_chunks: int, length: int | None = None):
         """The empty prompt: (emb [B, n, L, C], mask [B, n, L]) as MAGI-1 feeds for unconditional passes."""
