@@ -63,7 +63,7 @@ def launch(overrides: list[str], nproc: int, out_dir: Path, log) -> int:
     return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
 
 
-def summarise(run_dir: Path, warmup: int) -> dict:
+def summarise(run_dir: Path, warmup: int, nproc: int = 1) -> dict:
     """Steady-state numbers of one run from its metrics.jsonl and config.yaml."""
     from omegaconf import OmegaConf
 
@@ -87,10 +87,14 @@ def summarise(run_dir: Path, warmup: int) -> dict:
     hw_tflops = model_tflops * (sample + extra) / sample
     mfu = [r["mfu"] for r in steady if r.get("mfu") is not None]
     peak = statistics.median(mfu) / model_tflops if mfu else None   # 1 / peak TFLOP/s
+    from magi_train.precision.fp8_training import Fp8Settings
+
     p = cfg.parallel
-    layout = f"tp{p.tp} cp{p.cp} pp{p.pp} dp{p.dp} {p.dp_mode}".replace("dp-1", "dp=auto")
+    dp = p.resolved_dp(nproc)
+    layout = "1 process" if nproc == 1 else f"tp{p.tp} cp{p.cp} pp{p.pp} dp{dp}" + (f" {p.dp_mode}" if dp > 1 else "")
+    fp8 = Fp8Settings(t.fp8, t.fp8_recipe, t.fp8_all_gather)
     return {"layout": layout, "layers": m.num_layers, "precision": t.precision + ("" if t.fp8 == "none" else
-            f"+{t.fp8}:{t.fp8_recipe}"), "recompute": t.recompute + (f"/{t.recompute_every}" if
+            f"+{t.fp8} {fp8.resolved_recipe}"), "recompute": t.recompute + (f"/{t.recompute_every}" if
             t.recompute_every > 1 else ""), "compile": t.compile, "steps": len(steady), "step_s": step_s,
             "tokens_s": statistics.median(r["tokens_per_s"] for r in steady), "tflops": model_tflops,
             "tflops_hw": hw_tflops, "mfu": model_tflops * peak if peak else None,
@@ -139,7 +143,7 @@ def main(argv=None) -> int:
             tail = (out_dir / "log.txt").read_text().strip().splitlines()[-1:] or ["?"]
             rows.append({"run": run, "error": f"exit {rc}: {tail[0][:160]}"})
         else:
-            rows.append({"run": run, **summarise(out_dir / "bench", args.warmup)})
+            rows.append({"run": run, **summarise(out_dir / "bench", args.warmup, args.nproc)})
         print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     print(table(rows))
     if args.json:
