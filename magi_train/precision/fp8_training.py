@@ -18,11 +18,11 @@ from typing import Callable, ContextManager
 
 from torch import nn
 
+from magi_train.config.train_config import FP8_MODES, FP8_RECIPES
 from magi_train.errors import ConfigError
 
-FP8_MODES = ("none", "torchao", "te")
-TORCHAO_RECIPES = ("tensorwise", "rowwise")
-TE_RECIPES = ("delayed", "current", "block")
+TORCHAO_RECIPES = FP8_RECIPES["torchao"][1:]    # after "auto": the first is what auto means
+TE_RECIPES = FP8_RECIPES["te"][1:]
 
 
 @dataclass(frozen=True)
