@@ -16,18 +16,24 @@ Microbatch = tuple[dict, torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def autocast_context(device: torch.device, dtype: torch.dtype | None):
-    """bf16 autocast where asked (GPU); nothing on fp32 runs."""
-    if dtype is None or dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+def autocast_context(device: torch.device, dtype: torch.dtype | None,
+                     forward_context: Callable[[], ContextManager] | None = None):
+    """What a training forward runs under: bf16 autocast where asked (GPU; nothing on fp32 runs) and the
+    layout's forward context (TE's fp8_autocast for train.fp8=te: ParallelPlan.forward_context)."""
+    stack = contextlib.ExitStack()
+    if dtype is not None and dtype != torch.float32:
+        stack.enter_context(torch.autocast(device_type=device.type, dtype=dtype))
+    if forward_context is not None:
+        stack.enter_context(forward_context())
+    return stack
 
 
 def accumulate_gradients(model: nn.Module, microbatches: Sequence[Microbatch], loss_fn: LossFn,
                          autocast_dtype: torch.dtype | None,
-                         sync_context: Callable[[bool], ContextManager]) -> torch.Tensor:
+                         sync_context: Callable[[bool], ContextManager], *,
+                         forward_context: Callable[[], ContextManager] | None = None) -> torch.Tensor:
     """sync_context(last) wraps each microbatch's forward and backward: data-parallel wrappers reduce
-    gradients only when last is True."""
+    gradients only when last is True. forward_context: see autocast_context."""
     if not microbatches:
         raise ValueError("forward_backward: needs at least one microbatch")
     device = microbatches[0][1].device
@@ -35,7 +41,7 @@ def accumulate_gradients(model: nn.Module, microbatches: Sequence[Microbatch], l
     scale = 1.0 / len(microbatches)
     for i, (kwargs, target, weight) in enumerate(microbatches):
         with sync_context(i == len(microbatches) - 1):
-            with autocast_context(device, autocast_dtype):
+            with autocast_context(device, autocast_dtype, forward_context):
                 v_pred = model(**kwargs)
             loss = loss_fn(v_pred.float(), target, weight)
             (loss * scale).backward()

@@ -6,8 +6,8 @@
 Keys: model=<preset> and model.<field>; parallel.<field>; data.resolution=[H,W] + data.num_frames (video
 pixels and frames; the MAGI-1 VAE makes them 8x / 4x smaller) or data.latent_frames/latent_height/latent_width;
 data.batch_size (per rank and microbatch); data.text_length (caption tokens, default model.caption_max_length);
-train.grad_accum_steps (microbatches when pp=1); train.precision (bf16 | fp32); train.activation_checkpointing;
-world_size (or nodes x gpus_per_node; default tp*cp*pp*dp); gpu_memory_gib (default 80).
+train.grad_accum_steps (microbatches when pp=1); train.precision (bf16 | fp32); train.recompute (none | full |
+selective) and train.recompute_every; world_size (or nodes x gpus_per_node; default tp*cp*pp*dp); gpu_memory_gib (default 80).
 Distillation: train.objective=shortcut_distill counts the frozen teacher (and distill.target_model=ema's copy)
 beside the student and the teacher's guidance passes (distill.cfg_number) and the target's two half steps."""
 from __future__ import annotations
@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from magi_train.config import ConfigError, model_preset
 from magi_train.config.parallel_config import ParallelConfig
+from magi_train.config.train_config import RECOMPUTE_MODES
 from magi_train.parallel.memory_estimate import GiB, StepShape, estimate
 
 VAE_SPATIAL, VAE_TEMPORAL = 8, 4
@@ -80,8 +81,15 @@ def build_plan_inputs(argv: list[str]):
         precision = "bf16"
     if precision not in ("bf16", "fp32"):
         raise ConfigError(f"train.precision: got {precision!r}, accepted values are 'bf16', 'fp32', 'auto'")
-    return cfg, pcfg, world, shape, precision, bool(train.get("activation_checkpointing", False)), \
-        float(tree.get("gpu_memory_gib", 80)), _objective_cost(train, tree.get("distill", {}) or {}, cfg, shape)
+    recompute = str(train.get("recompute", "none"))
+    if recompute not in RECOMPUTE_MODES:
+        raise ConfigError(f"train.recompute: got {recompute!r}, accepted values are "
+                          f"{', '.join(map(repr, RECOMPUTE_MODES))}")
+    every = train.get("recompute_every", 1)
+    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+        raise ConfigError(f"train.recompute_every: must be an integer >= 1, got {every!r}")
+    return cfg, pcfg, world, shape, precision, (recompute, every), float(tree.get("gpu_memory_gib", 80)), \
+        _objective_cost(train, tree.get("distill", {}) or {}, cfg, shape)
 
 
 def _objective_cost(train: dict, distill: dict, cfg, shape) -> dict:
@@ -110,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0
     try:
-        cfg, pcfg, world, shape, precision, ckpt, gpu_gib, cost = build_plan_inputs(argv)
-        est = estimate(cfg, pcfg, world, shape, precision=precision, **cost)
+        cfg, pcfg, world, shape, precision, (recompute, every), gpu_gib, cost = build_plan_inputs(argv)
+        est = estimate(cfg, pcfg, world, shape, precision=precision, recompute_every=every, **cost)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -121,11 +129,20 @@ def main(argv: list[str] | None = None) -> int:
           f"({est.tokens_per_sample} tokens), batch {shape.batch_size} x {shape.microbatches} microbatches, "
           f"{precision}")
     print(est.table())
-    peak = est.peak_ckpt if ckpt else est.peak
-    verdict = "fits" if peak <= gpu_gib * GiB else "does NOT fit"
-    other = est.peak if ckpt else est.peak_ckpt
-    print(f"with{'' if ckpt else 'out'} activation checkpointing: {peak / GiB:.1f} GiB per GPU -> {verdict} in "
-          f"{gpu_gib:.0f} GiB (with{'out' if ckpt else ''} it: {other / GiB:.1f} GiB)")
+    from magi_train.parallel.memory_estimate import recompute_flops
+    from magi_train.parallel.recompute import RecomputePolicy
+
+    fits = {m: est.peak_for(m) <= gpu_gib * GiB for m in RECOMPUTE_MODES}
+    sample = est.flops_per_step / (shape.batch_size * shape.microbatches * est.dp)
+    for m in RECOMPUTE_MODES:
+        extra = recompute_flops(cfg, shape.latent_frames, shape.latent_height, shape.latent_width, shape.caption_len,
+                                RecomputePolicy(m, every), pcfg.pp)
+        print(f"recompute {m:9s}: peak {est.peak_for(m) / GiB:8.1f} GiB per GPU "
+              f"({'fits' if fits[m] else 'does NOT fit'} in {gpu_gib:.0f} GiB), "
+              f"+{100 * extra / sample:.0f} % FLOPs run again")
+    verdict = "fits" if fits[recompute] else "does NOT fit"
+    print(f"train.recompute={recompute}" + (f" (every {every})" if every > 1 else "") +
+          f": {est.peak_for(recompute) / GiB:.1f} GiB per GPU -> {verdict} in {gpu_gib:.0f} GiB")
     return 0
 
 

@@ -68,7 +68,7 @@ def main(argv=None) -> int:
                   f"train.max_steps={args.steps}", "train.log_every=1", f"train.device={args.device}",
                   "train.progress_bar=false", "train.checkpoint.every_steps=0", "train.checkpoint.save_at_end=false",
                   "train.checkpoint.export_at_end=false", "train.validation.every_steps=0", "train.ema.enabled=false",
-                  f"train.activation_checkpointing={'true' if args.activation_checkpointing else 'false'}",
+                  f"train.recompute={'full' if args.activation_checkpointing else 'none'}",
                   f"train.init_from={teacher}", *args.extra]
         rows = []
         for label, module, keys in [

@@ -40,6 +40,7 @@ def parse_layout(name: str) -> dict:
 
 def bench(name: str, args, world: int) -> dict | None:
     from magi_train.parallel.transforms import ModelTransforms
+    from magi_train.parallel.recompute import RecomputePolicy
 
     from magi_train.config import model_preset
     from magi_train.config.parallel_config import ParallelConfig
@@ -57,7 +58,7 @@ def bench(name: str, args, world: int) -> dict | None:
     cfg = model_preset("4.5B", num_layers=args.layers, attention_backend=args.attention)
     env = init_parallel(pcfg)
 
-    model = parallelize(cfg, env=env, seed=0, transforms=ModelTransforms(activation_checkpointing=ac))
+    model = parallelize(cfg, env=env, seed=0, transforms=ModelTransforms(recompute=RecomputePolicy("full" if ac else "none")))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=env.device.type == "cuda" and not pcfg.fsdp_cpu_offload)
     g = torch.Generator().manual_seed(1 + env.dp_rank)
     T, H = args.frames, args.size

@@ -15,12 +15,12 @@ MID = model_preset("debug", chunk_width=2, attention_backend="sdpa_chunked", hid
     ("tiny", TINY, StepShape(4, 32, 32, batch_size=1, microbatches=1, caption_len=8)),      # activations dominate
     ("mid", MID, StepShape(4, 16, 16, batch_size=2, microbatches=1, caption_len=16)),      # 10M params
 ])
-@pytest.mark.parametrize("ckpt", [False, True])
-def test_estimate_within_15_percent_of_measured_peak_cpu(name, cfg, shape, ckpt):
-    measured = measure_peak(cfg, shape, precision="fp32", activation_checkpointing=ckpt)
+@pytest.mark.parametrize("recompute", ["none", "full", "selective"])
+def test_estimate_within_15_percent_of_measured_peak_cpu(name, cfg, shape, recompute):
+    measured = measure_peak(cfg, shape, precision="fp32", recompute=recompute)
     est = estimate(cfg, ParallelConfig(), 1, shape, precision="fp32")
-    predicted = est.peak_ckpt if ckpt else est.peak
-    assert abs(predicted - measured) / measured < 0.15, (name, ckpt, predicted / 2**20, measured / 2**20)
+    predicted = est.peak_for(recompute)
+    assert abs(predicted - measured) / measured < 0.15, (name, recompute, predicted / 2**20, measured / 2**20)
 
 
 def test_layer_coefficients_still_match_the_block():
@@ -64,12 +64,15 @@ def test_plan_command_prints_the_table(capsys):
 
     rc = main(["model=24B", "parallel.tp=8", "parallel.pp=2", "parallel.cp=2", "parallel.pp_microbatches=8",
                "world_size=64", "data.resolution=[720,1280]", "data.num_frames=96",
-               "train.activation_checkpointing=true"])
+               "train.recompute=selective", "train.recompute_every=2"])
     out = capsys.readouterr().out
     assert rc == 0
-    for word in ("weights", "gradients", "optimizer states", "activations (no checkpointing)",
-                 "activations (checkpointing)", "FLOPs per step", "86400", "fit"):
+    for word in ("weights", "gradients", "optimizer states", "activations (recompute none)",
+                 "activations (recompute full, every 2)", "activations (recompute selective, every 2)",
+                 "FLOPs per step", "86400", "train.recompute=selective (every 2)", "fit"):
         assert word in out
+    assert main(["model=24B", "train.recompute=some"]) == 2
+    assert "train.recompute: got 'some'" in capsys.readouterr().err
     assert main(["model=24B", "parallel.tp=3"]) == 2
     assert "parallel.tp" in capsys.readouterr().err
     assert main(["modle=24B"]) == 2
@@ -78,13 +81,13 @@ def test_plan_command_prints_the_table(capsys):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("ckpt", [False, True])
-def test_estimate_within_15_percent_of_measured_peak_gpu(ckpt):
+@pytest.mark.parametrize("recompute", ["none", "full", "selective"])
+def test_estimate_within_15_percent_of_measured_peak_gpu(recompute):
     cfg = model_preset("debug", attention_backend="sdpa_chunked", hidden_size=1024, num_attention_heads=16,
                        num_query_groups=4, kv_channels=64, ffn_hidden_size=4096, num_layers=8,
                        gated_linear_unit=True, params_dtype="bfloat16", caption_channels=512, chunk_width=6)
     shape = StepShape(12, 64, 64, batch_size=1, microbatches=2, caption_len=64)
-    measured = measure_peak(cfg, shape, precision="bf16", activation_checkpointing=ckpt, device="cuda")
+    measured = measure_peak(cfg, shape, precision="bf16", recompute=recompute, device="cuda")
     est = estimate(cfg, ParallelConfig(), 1, shape, precision="bf16")
-    predicted = est.peak_ckpt if ckpt else est.peak
-    assert abs(predicted - measured) / measured < 0.15, (ckpt, predicted / 2**20, measured / 2**20)
+    predicted = est.peak_for(recompute)
+    assert abs(predicted - measured) / measured < 0.15, (recompute, predicted / 2**20, measured / 2**20)

@@ -17,7 +17,7 @@ def test_gpu_loop_bf16_fused_checkpointed(tmp_path, monkeypatch, compile_blocks)
                        "model.attention_backend=sdpa_chunked",
                        "data.latent_frames=24", "data.latent_height=32", "data.latent_width=32", "data.batch_size=4",
                        "data.num_samples=16", "train.max_steps=30", "train.progress_bar=false", "train.log_every=10",
-                       "train.activation_checkpointing=true", f"train.compile={str(compile_blocks).lower()}",
+                       "train.recompute=full", f"train.compile={str(compile_blocks).lower()}",
                        "train.checkpoint.every_steps=15", "train.validation.every_steps=15",
                        "train.optimizer.lr=1e-3"])
     trainer = Trainer(cfg)

@@ -232,15 +232,18 @@ def test_whole_loop_logs_validates_checkpoints_and_exports(tmp_path, monkeypatch
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4
 
 
-def test_activation_checkpointing_keeps_gradients_and_names():
+@pytest.mark.parametrize("recompute,every", [("full", 1), ("selective", 1), ("full", 2)])
+def test_recompute_keeps_gradients_and_names(recompute, every):
     from magi_train.config import TrainConfig
     torch.manual_seed(0)
     plain = build_dit(TINY)
     torch.nn.init.normal_(plain.final_linear.linear.weight, std=0.02)
     wrapped = build_dit(TINY)
     wrapped.load_state_dict(plain.state_dict())
-    apply_transforms(wrapped, model_transforms(TrainConfig(activation_checkpointing=True)))
+    apply_transforms(wrapped, model_transforms(TrainConfig(recompute=recompute, recompute_every=every)))
     assert set(wrapped.state_dict()) == set(plain.state_dict())
+    assert [layer.recompute is not None for layer in wrapped.videodit_blocks.layers] == \
+        [i % every == 0 for i in range(TINY.num_layers)]
     micro = [_microbatch(next(_data()))]
     for m in (plain, wrapped):
         forward_backward(m, micro, FlowMatchingLoss())
@@ -249,19 +252,34 @@ def test_activation_checkpointing_keeps_gradients_and_names():
         assert torch.allclose(p.grad, grads[n], atol=1e-6), n
 
 
-def test_activation_checkpointing_saves_fewer_activations():
-    from magi_train.config import TrainConfig
+def test_recompute_saves_fewer_activations_and_selective_keeps_attention():
+    from torch.utils._python_dispatch import TorchDispatchMode
 
-    def saved_count(model):
+    from magi_train.config import TrainConfig
+    from magi_train.parallel.recompute import attention_ops
+
+    class AttentionForwards(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func in attention_ops()
+            return func(*args, **(kwargs or {}))
+
+    def run(mode):
+        model = build_dit(TINY)
+        apply_transforms(model, model_transforms(TrainConfig(recompute=mode)))
         saved = []
         kwargs, _, _ = _microbatch(next(_data()))
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-            model(**kwargs).sum()
-        return sum(saved)
+            out = model(**kwargs).sum()
+        with AttentionForwards() as again:
+            out.backward()
+        return sum(saved), again.count
 
-    plain, recomputed = build_dit(TINY), build_dit(TINY)
-    apply_transforms(recomputed, model_transforms(TrainConfig(activation_checkpointing=True)))
-    assert saved_count(recomputed) < 0.5 * saved_count(plain)
+    (none, none_again), (full, full_again), (_, selective_again) = run("none"), run("full"), run("selective")
+    assert full < 0.5 * none
+    # attention kernels run again in backward under full recompute (self + cross per block), never under selective
+    assert none_again == 0 and full_again == 2 * TINY.num_layers and selective_again == 0
 
 
 def test_finetune_doc_pattern_selects_the_last_ten_blocks_of_4_5B():

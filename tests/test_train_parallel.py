@@ -37,7 +37,7 @@ LAYOUTS = {
     "tp2": (2, ["parallel.tp=2", "train.grad_accum_steps=4"]),
     "pp2": (2, ["parallel.pp=2", "parallel.pp_microbatches=4"]),
     "dp2_fsdp_ac": (2, ["parallel.dp=2", "parallel.dp_mode=fsdp", "train.grad_accum_steps=2",
-                        "train.activation_checkpointing=true"]),
+                        "train.recompute=full"]),
     "cp2dp2_ddp": (4, ["parallel.cp=2", "parallel.dp=2", "parallel.dp_mode=ddp", "train.grad_accum_steps=2"]),
 }
 # name: (processes, overrides, run whose step-2 checkpoint it resumes)

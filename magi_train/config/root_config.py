@@ -243,6 +243,9 @@ def validate_config(cfg: MagiConfig, world_size: int = 1) -> None:
     if isinstance(cfg.data, DataConfig) and cfg.data.kind == "raw" and cfg.encoders.text.dim is not None:
         check(cfg.encoders.text.dim == cfg.model.caption_channels, "encoders.text.dim",
               f"{cfg.encoders.text.dim} differs from model.caption_channels={cfg.model.caption_channels}")
+    from magi_train.precision.fp8_training import resolve_layer_spec
+
+    resolve_layer_spec(cfg.train.fp8, cfg.model.layer_spec)   # model.layer_spec and train.fp8 agree
     if cfg.train.init_from:
         check(cfg.train.init_from.strip() != "", "train.init_from", "must be a path or null")
     if cfg.resume not in RESUME_CHOICES:

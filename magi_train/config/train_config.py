@@ -15,6 +15,11 @@ OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "for_loop")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 WANDB_MODES = ("offline", "online", "disabled")
+RECOMPUTE_MODES = ("none", "full", "selective")
+FP8_MODES = ("none", "torchao", "te")
+# train.fp8_recipe by train.fp8; "auto" takes the first: torchao tensorwise, TE delayed scaling
+FP8_RECIPES = {"none": ("auto",), "torchao": ("auto", "tensorwise", "rowwise"),
+               "te": ("auto", "delayed", "current", "block")}
 
 
 def _int(value, key: str, minimum: int = 1) -> None:
@@ -193,8 +198,17 @@ class TrainConfig:
     grad_clip: float = 1.0                # max global grad norm; 0 = no clipping (the norm is still logged)
     device: str = "auto"                  # auto: cuda when available
     precision: str = "auto"               # auto: bf16 autocast on GPU, fp32 on CPU
-    activation_checkpointing: bool = False  # recompute each transformer block in backward
-    compile: bool = False                 # torch.compile each transformer block
+    recompute: str = "none"               # activation recompute per block in backward: none | full (the whole
+                                          # block) | selective (keeps the attention kernels' outputs, recomputes
+                                          # the linears, norms and MLP: most of the memory saving at a fraction
+                                          # of the cost at long sequences, where attention is half the FLOPs)
+    recompute_every: int = 1              # recompute every k-th block (0, k, 2k, ... of each stage); the others
+                                          # keep all their activations
+    compile: bool = False                 # torch.compile each transformer block (recompute inside the graph)
+    fp8: str = "none"                     # fp8 GEMMs in the block linears: none | torchao (torchao.float8) | te
+                                          # (Transformer Engine linears, model.layer_spec te or auto)
+    fp8_recipe: str = "auto"              # torchao: tensorwise | rowwise; te: delayed | current | block (scaling)
+    fp8_all_gather: bool = False          # torchao tensorwise under FSDP2: all-gather the weights in fp8
     init_from: Optional[str] = None       # a MAGI-1 checkpoint ({load} or .../inference_weight) to start from
     trainable: list[str] = field(default_factory=list)  # fnmatch patterns of parameter names to train; [] = all
     frozen: list[str] = field(default_factory=list)     # patterns frozen (applied after `trainable`)
@@ -225,6 +239,16 @@ class TrainConfig:
         check(self.grad_clip >= 0, f"{p}.grad_clip", f"must be >= 0, got {self.grad_clip}")
         check_choice(self.device, f"{p}.device", DEVICES)
         check_choice(self.precision, f"{p}.precision", PRECISIONS)
+        check_choice(self.recompute, f"{p}.recompute", RECOMPUTE_MODES)
+        _int(self.recompute_every, f"{p}.recompute_every")
+        check_choice(self.fp8, f"{p}.fp8", FP8_MODES)
+        check(self.fp8 != "none" or self.fp8_recipe == "auto", f"{p}.fp8_recipe",
+              f"{self.fp8_recipe!r} is a recipe of train.fp8 torchao (tensorwise, rowwise) or te (delayed, current, "
+              f"block); train.fp8 is 'none'")
+        check_choice(self.fp8_recipe, f"{p}.fp8_recipe", FP8_RECIPES[self.fp8])
+        if self.fp8_all_gather:
+            check(self.fp8 == "torchao" and self.fp8_recipe in ("auto", "tensorwise"), f"{p}.fp8_all_gather",
+                  "torchao offers fp8 all-gather for train.fp8=torchao with fp8_recipe tensorwise only")
         _int(self.log_every, f"{p}.log_every")
         check(isinstance(self.resume_partial, bool), f"{p}.resume_partial",
               f"must be true or false, got {self.resume_partial!r}")

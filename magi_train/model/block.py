@@ -41,6 +41,23 @@ def _affine(norm: LayerNorm1p):
     return (norm.weight + 1 if norm.zero_centered else norm.weight), norm.bias
 
 
+def fused_column_projection(x: torch.Tensor, linears) -> list[torch.Tensor]:
+    """[m(x) for m in linears] as one GEMM where the linears allow it: plain nn.Linear weights concatenated at
+    run time (the parameters, and so the checkpoint names, stay separate), or a spec's own fused path (a
+    classmethod fused_forward(x, linears), e.g. tensor parallel: one communication for all of them). Other
+    linears (Transformer Engine, fp8-converted ones) run one by one."""
+    kind = type(linears[0])
+    if any(type(m) is not kind for m in linears):
+        return [m(x) for m in linears]
+    if kind is nn.Linear and all(m.bias is None for m in linears):
+        w = torch.cat([m.weight for m in linears])
+        return list(F.linear(x, w).split([m.weight.shape[0] for m in linears], dim=-1))
+    fused = getattr(kind, "fused_forward", None)
+    if fused is not None:
+        return fused(x, linears)
+    return [m(x) for m in linears]
+
+
 class LinearQKV(nn.Module):
     """Input LayerNorm and the four projections of the normed hidden state (names as in MAGI-1)."""
 
@@ -51,6 +68,13 @@ class LinearQKV(nn.Module):
         self.qx = spec.column(cfg.hidden_size, cfg.q_dim, "qx")
         self.k = spec.column(cfg.hidden_size, cfg.kv_dim, "k")
         self.v = spec.column(cfg.hidden_size, cfg.kv_dim, "v")
+
+    def forward(self, x: torch.Tensor):
+        """x -> (q, qx, k, v, dtype): the projections of the normed hidden state, from one GEMM where the linears
+        allow it, and the normed state's dtype (MAGI-1 casts the cross-attention inputs to it)."""
+        h = self.layer_norm(x)
+        q, qx, k, v = fused_column_projection(h, (self.q, self.qx, self.k, self.v))
+        return q, qx, k, v, h.dtype
 
 
 class AttentionCore(nn.Module):
@@ -112,15 +136,15 @@ class SelfCrossAttention(nn.Module):
                                        None if ctx is None else ctx.rope_sin, out_dtype)
 
     def forward(self, x: torch.Tensor, ctx: BlockContext, layer: int) -> torch.Tensor:
-        h = self.linear_qkv.layer_norm(x)
-        q = self._norm_rope(self._heads(self.linear_qkv.q(h), self.heads), self.q_layernorm, ctx)
-        k = self._norm_rope(self._heads(self.linear_qkv.k(h), self.kv_heads), self.k_layernorm, ctx)
-        v = self._heads(self.linear_qkv.v(h), self.kv_heads)
-        qx = self._norm_rope(self._heads(self.linear_qkv.qx(h), self.heads), self.q_layernorm_xattn, None, h.dtype)
-        kvx = self.linear_kv_xattn(ctx.caption.to(h.dtype))
+        q, qx, k, v, dtype = self.linear_qkv(x)
+        q = self._norm_rope(self._heads(q, self.heads), self.q_layernorm, ctx)
+        k = self._norm_rope(self._heads(k, self.kv_heads), self.k_layernorm, ctx)
+        v = self._heads(v, self.kv_heads)
+        qx = self._norm_rope(self._heads(qx, self.heads), self.q_layernorm_xattn, None, dtype)
+        kvx = self.linear_kv_xattn(ctx.caption.to(dtype))
         kvx = kvx.reshape(*kvx.shape[:-1], self.kv_heads, 2 * self.head_dim)
         kx, vx = kvx[..., :self.head_dim], kvx[..., self.head_dim:]
-        kx = self._norm_rope(kx, self.k_layernorm_xattn, None, h.dtype)
+        kx = self._norm_rope(kx, self.k_layernorm_xattn, None, dtype)
         a, c = self.core(layer, q, k, v, qx, kx, vx, ctx)
         out = torch.cat([a.flatten(-2), c.flatten(-2)], dim=-1)
         return self.linear_proj(out)
@@ -164,6 +188,9 @@ class TransformerLayer(nn.Module):
         self.self_attn_post_norm = LayerNorm1p(cfg.hidden_size, eps, zc)
         self.mlp = MLP(cfg, spec)
         self.mlp_post_norm = LayerNorm1p(cfg.hidden_size, eps, zc)
+        # Set from outside (magi_train.parallel.recompute): fn(compute, x, ctx) runs the layer under activation
+        # checkpointing. None: the plain forward (inference, no recompute).
+        self.recompute = None
 
     def _gated_residual(self, x, residual, gate, norm):
         # residual + post_norm(gate * x), in fp32 as MAGI-1 does: one fused island (model/fused_ops.py)
@@ -171,6 +198,11 @@ class TransformerLayer(nn.Module):
             return fused_ops.gated_residual(x, residual, gate, *_affine(norm), norm.eps)
 
     def forward(self, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+        if self.recompute is not None:
+            return self.recompute(self.compute, x, ctx)
+        return self.compute(x, ctx)
+
+    def compute(self, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         gates = self.ada_modulate_layer(ctx.cond.to(x.dtype))      # [B, n, 2D], in the blocks' dtype
         gates = gates[:, ctx.token_chunk].transpose(0, 1)          # [S, B, 2D]
         g_msa, g_mlp = gates.chunk(2, dim=-1)

@@ -67,13 +67,14 @@ class ChunkLayout:
 
     def kv_slices(self) -> list[tuple[int, int] | None]:
         """Per query chunk, the contiguous token slice of keys it sees, or None when the visible chunks are not
-        contiguous in kv order (then backends fall back to a mask)."""
+        contiguous in kv order (then backends fall back to a mask). Plain Python on the layout's tuples, so a
+        compiled block folds it into constants instead of breaking its graph."""
         out = []
-        m = self.chunk_mask()
-        for row in m:
-            idx = torch.nonzero(row).flatten().tolist()
+        t = self.tokens_per_chunk
+        for s, e in zip(self.kv_start, self.kv_end):
+            idx = [j for j, c in enumerate(self.kv_chunks) if s <= c <= e]
             if idx == list(range(idx[0], idx[-1] + 1)):
-                out.append((idx[0] * self.tokens_per_chunk, (idx[-1] + 1) * self.tokens_per_chunk))
+                out.append((idx[0] * t, (idx[-1] + 1) * t))
             else:
                 out.append(None)
         return out

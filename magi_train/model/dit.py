@@ -77,7 +77,8 @@ class MagiDiT(nn.Module):
             d = dropped[:, :, None]  # [B, n, 1]
             caption = torch.where(d[..., None], null[None, None], caption)
             caption_mask = torch.where(d, null_mask[None, None], caption_mask)
-        return caption, caption_mask
+        # one memory layout whether or not a caption was dropped: compiled blocks guard on it (a recompile otherwise)
+        return caption, caption_mask.contiguous()
 
     def _null_embedding(self, length: int) -> torch.Tensor:
         null = self.y_embedder.null_caption_embedding

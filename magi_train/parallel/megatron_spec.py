@@ -10,8 +10,11 @@ Replicated KV heads get partial gradients on each replica; finalize_grads sums t
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from megatron.core import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
+                                                    gather_from_sequence_parallel_region)
 from torch import nn
 
 from magi_train.config import ModelConfig
@@ -55,6 +58,22 @@ class MagiColumnParallelLinear(_TensorOut, ColumnParallelLinear):
         # Megatron's backward assumes [s, b, h]; captions come as [B, n, L, C]
         out = super().forward(x.reshape(-1, 1, x.shape[-1]))[0]
         return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    @classmethod
+    def fused_forward(cls, x: torch.Tensor, linears) -> list[torch.Tensor]:
+        """Column linears of one input as one GEMM over their concatenated local weights, with one
+        communication for all of them: the backward all-reduce of the input gradient (or, with sequence
+        parallelism, one all-gather forward and one reduce-scatter backward) instead of one per linear."""
+        first = linears[0]
+        if any(m.sequence_parallel != first.sequence_parallel or m.tp_group is not first.tp_group for m in linears):
+            return [m(x) for m in linears]
+        x = first._cast(x)
+        if first.sequence_parallel:
+            x = gather_from_sequence_parallel_region(x, group=first.tp_group)
+        elif first.tp_group is not None and torch.distributed.get_world_size(first.tp_group) > 1:
+            x = copy_to_tensor_model_parallel_region(x, group=first.tp_group)
+        out = F.linear(x, torch.cat([m.weight for m in linears]))
+        return list(out.split([m.weight.shape[0] for m in linears], dim=-1))
 
 
 class MagiRowParallelLinear(_TensorOut, RowParallelLinear):

@@ -53,30 +53,40 @@ class MemoryEstimate:
     weights: float                      # bytes
     grads: float
     optimizer: float
-    activations: float                  # without activation checkpointing (largest stage, microbatches in flight)
-    activations_ckpt: float             # with per-layer activation checkpointing
+    activations: float                  # train.recompute=none (largest stage, microbatches in flight)
+    activations_ckpt: float             # train.recompute=full (the blocks of recompute_every)
+    activations_selective: float        # train.recompute=selective: block inputs and attention outputs kept
     fsdp_buffers: float                 # unsharded layer(s) FSDP gathers around the running one
     peak: float
     peak_ckpt: float
+    peak_selective: float
     flops_per_step: float               # whole step, all GPUs (3 x forward, no recompute)
     flops_per_gpu: float
     tokens_per_sample: int
     layers_per_stage: int
     inflight: int                       # microbatches whose activations one stage holds at once
+    recompute_every: int = 1
     notes: list[str] = field(default_factory=list)
 
+    def peak_for(self, recompute: str) -> float:
+        """Peak bytes under train.recompute = none | full | selective."""
+        return {"none": self.peak, "full": self.peak_ckpt, "selective": self.peak_selective}[recompute]
+
     def table(self) -> str:
+        every = f", every {self.recompute_every}" if self.recompute_every > 1 else ""
         rows = [("weights", self.weights), ("gradients", self.grads), ("optimizer states", self.optimizer),
-                ("FSDP gathered layers", self.fsdp_buffers), ("activations (no checkpointing)", self.activations),
-                ("activations (checkpointing)", self.activations_ckpt), ("peak, no checkpointing", self.peak),
-                ("peak, checkpointing", self.peak_ckpt)]
-        out = [f"{name:34s} {b / GiB:10.2f} GiB" for name, b in rows]
-        out.append(f"{'parameters per GPU':34s} {self.params_per_gpu / 1e9:10.3f} B")
-        out.append(f"{'tokens per sample':34s} {self.tokens_per_sample:10d}")
-        out.append(f"{'layers per pipeline stage':34s} {self.layers_per_stage:10d}   "
+                ("FSDP gathered layers", self.fsdp_buffers), ("activations (recompute none)", self.activations),
+                (f"activations (recompute full{every})", self.activations_ckpt),
+                (f"activations (recompute selective{every})", self.activations_selective),
+                ("peak, recompute none", self.peak), (f"peak, recompute full{every}", self.peak_ckpt),
+                (f"peak, recompute selective{every}", self.peak_selective)]
+        out = [f"{name:40s} {b / GiB:10.2f} GiB" for name, b in rows]
+        out.append(f"{'parameters per GPU':40s} {self.params_per_gpu / 1e9:10.3f} B")
+        out.append(f"{'tokens per sample':40s} {self.tokens_per_sample:10d}")
+        out.append(f"{'layers per pipeline stage':40s} {self.layers_per_stage:10d}   "
                    f"({self.inflight} microbatch(es) in flight)")
-        out.append(f"{'FLOPs per step (all GPUs)':34s} {self.flops_per_step:10.3e}")
-        out.append(f"{'FLOPs per step per GPU':34s} {self.flops_per_gpu:10.3e}")
+        out.append(f"{'FLOPs per step (all GPUs)':40s} {self.flops_per_step:10.3e}")
+        out.append(f"{'FLOPs per step per GPU':40s} {self.flops_per_gpu:10.3e}")
         return "\n".join(out + [f"note: {n}" for n in self.notes])
 
 
@@ -144,10 +154,12 @@ def _per_token_layer(cfg: ModelConfig, tp: int, precision: str) -> tuple[float, 
 
 def estimate(cfg: ModelConfig, pcfg: ParallelConfig, world_size: int, shape: StepShape, *,
              precision: str = "bf16", optimizer: str = "adamw", optimizer_foreach: bool | None = None,
-             frozen_copies: int = 0, sample_flops: float | None = None) -> MemoryEstimate:
+             frozen_copies: int = 0, sample_flops: float | None = None, recompute_every: int = 1) -> MemoryEstimate:
     """precision: 'bf16' (bf16 autocast; weights in model.params_dtype) or 'fp32'. frozen_copies: frozen models
     placed like the trained one (a distillation teacher, an EMA target), counted as weights; sample_flops: FLOPs
-    of one sample's step when the objective runs more than one forward and backward (distillation)."""
+    of one sample's step when the objective runs more than one forward and backward (distillation).
+    recompute_every: every k-th block of a stage is recomputed (train.recompute_every), the others keep all their
+    activations."""
     dp = pcfg.validate_world(world_size)
     pcfg.validate_model(cfg)
     tp, cp, pp = pcfg.tp, pcfg.cp, pcfg.pp
@@ -204,10 +216,20 @@ def estimate(cfg: ModelConfig, pcfg: ParallelConfig, world_size: int, shape: Ste
     n_layers = rank_layers[rank]
     per_chunk_layers = max(layers)
     chunks = inflight
-    act = chunks * (per_chunk_layers if virtual > 1 else n_layers) * per_layer + per_layer_bwd
-    act += chunks * (outside_act + caption)
-    act_ckpt = chunks * (per_chunk_layers if virtual > 1 else n_layers) * layer_input + per_layer + per_layer_bwd
-    act_ckpt += chunks * (outside_act + caption)
+    held = per_chunk_layers if virtual > 1 else n_layers
+    recomputed = -(-held // recompute_every)            # blocks 0, k, 2k, ... of the stage
+    # selective keeps each recomputed block's input and its attention kernels' outputs (self and cross: the
+    # output and the fp32 logsumexp per query head)
+    hq = cfg.num_attention_heads // tp
+    attn_kept = B * s_att * 2 * (hq * cfg.kv_channels * abytes + hq * 4)
+
+    def activations_with(stored_recomputed: float) -> float:
+        a = chunks * ((held - recomputed) * per_layer + recomputed * stored_recomputed)
+        return a + per_layer_bwd + (per_layer if stored_recomputed < per_layer else 0) + chunks * (outside_act + caption)
+
+    act = activations_with(per_layer)
+    act_ckpt = activations_with(layer_input)
+    act_sel = activations_with(layer_input + attn_kept)
 
     # peak: backward starts with every activation and few gradients, ends with every gradient; the optimizer
     # step then adds its temporaries (foreach AdamW: one parameter-sized list, measured; fused: none)
@@ -229,14 +251,29 @@ def estimate(cfg: ModelConfig, pcfg: ParallelConfig, world_size: int, shape: Ste
         notes.append("context parallel: attention runs Ulysses-style, every rank the same share of the "
                      "chunk-causal work")
     return MemoryEstimate(world_size=world_size, dp=dp, params_per_gpu=local_params, weights=weights, grads=grads,
-                          optimizer=opt_bytes, activations=act, activations_ckpt=act_ckpt, fsdp_buffers=fsdp_buffers,
-                          peak=peak_with(act), peak_ckpt=peak_with(act_ckpt), flops_per_step=flops,
+                          optimizer=opt_bytes, activations=act, activations_ckpt=act_ckpt,
+                          activations_selective=act_sel, fsdp_buffers=fsdp_buffers, peak=peak_with(act),
+                          peak_ckpt=peak_with(act_ckpt), peak_selective=peak_with(act_sel), flops_per_step=flops,
                           flops_per_gpu=flops / world_size, tokens_per_sample=S, layers_per_stage=n_layers,
-                          inflight=inflight, notes=notes)
+                          inflight=inflight, recompute_every=recompute_every, notes=notes)
+
+
+def recompute_flops(cfg: ModelConfig, latent_frames: int, latent_h: int, latent_w: int, caption_len: int,
+                    policy, stages: int = 1) -> float:
+    """FLOPs a recompute policy runs again in backward for one sample (not model FLOPs): full reruns the
+    recomputed blocks' forward, selective their linear layers (the attention outputs are kept)."""
+    from magi_train.training.flops import layer_forward_flops
+
+    if policy.mode == "none":
+        return 0.0
+    blocks = sum(policy.recomputed(i) for n in _stage_layers(cfg.num_layers, stages) for i in range(n))
+    per_block = layer_forward_flops(cfg, latent_frames, latent_h, latent_w, caption_len,
+                                    attention=policy.mode == "full")
+    return float(blocks * per_block)
 
 
 def measure_peak(cfg: ModelConfig, shape: StepShape, *, precision: str = "fp32", steps: int = 2,
-                 activation_checkpointing: bool = False, device: str = "cpu", seed: int = 0) -> float:
+                 recompute: str = "none", device: str = "cpu", seed: int = 0) -> float:
     """Peak bytes of live tensors over the last of `steps` single-process training steps (AdamW, foreach on CPU,
     fused on GPU). CPU: counted at the dispatcher (LiveBytes); CUDA: torch.cuda.max_memory_allocated."""
     import contextlib
@@ -245,7 +282,7 @@ def measure_peak(cfg: ModelConfig, shape: StepShape, *, precision: str = "fp32",
     from magi_train.model import build_dit
 
     from .memory_tracker import LiveBytes
-    from .recompute import apply_activation_checkpointing
+    from .recompute import RecomputePolicy, apply_recompute
     from .step import forward_backward
 
     dev = torch.device(device)
@@ -265,8 +302,7 @@ def measure_peak(cfg: ModelConfig, shape: StepShape, *, precision: str = "fp32",
     tracker = LiveBytes() if dev.type == "cpu" else None
     with tracker if tracker is not None else contextlib.nullcontext():
         model = build_dit(cfg, device=dev)
-        if activation_checkpointing:
-            apply_activation_checkpointing(model)
+        apply_recompute(model, RecomputePolicy(recompute))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=dev.type == "cpu",
                                 fused=dev.type == "cuda")
         autocast = torch.bfloat16 if precision == "bf16" else None

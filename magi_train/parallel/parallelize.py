@@ -24,6 +24,7 @@ from magi_train.config import ConfigError, ModelConfig
 from magi_train.config.parallel_config import ParallelConfig
 from magi_train.dtypes import DTYPES
 from magi_train.model.dit import MagiDiT, build_dit
+from magi_train.precision.fp8_training import forward_context as fp8_forward_context
 
 from .context_parallel import SequenceSharding, apply_context_parallel
 from .data_parallel import apply_ddp, apply_fsdp
@@ -49,6 +50,7 @@ class ParallelPlan:
     grad_sync: GradSync
     runner: PipelineRunner | None = None
     fsdp_roots: list[nn.Module] = field(default_factory=list)
+    forward_context: Callable | None = None     # () -> context every training forward runs in (TE's fp8_autocast)
 
     @property
     def pcfg(self) -> ParallelConfig:
@@ -202,7 +204,8 @@ def parallelize(model_cfg: ModelConfig, pcfg: ParallelConfig | None = None, env:
         shells.append(shell)
 
     plan = ParallelPlan(env=env, model_cfg=model_cfg, shells=shells, stage_ids=stage_ids, num_stages=num_stages,
-                        sharding=sharding, grad_sync=None)
+                        sharding=sharding, grad_sync=None,
+                        forward_context=fp8_forward_context(transforms.fp8) if transforms is not None else None)
     dpcp = env.dp * env.cp
     wrapped = []
     for shell in shells:

@@ -44,7 +44,7 @@ def _pipelined(plan: ParallelPlan, microbatches, loss_fn, autocast_dtype):
     stacked = {k: torch.cat([kw[k] for kw in kws]) if torch.is_tensor(kws[0][k]) else kws[0][k] for k in kws[0]}
     target = torch.cat([pack_target(t, w) for _, t, w in microbatches])
     losses: list[torch.Tensor] = []
-    with autocast_context(env.device, autocast_dtype):
+    with autocast_context(env.device, autocast_dtype, plan.forward_context):
         sched.step(torch.cat(xs), target=target, losses=losses, return_outputs=False, **stacked)
     last_owner = env.pp_ranks[(plan.num_stages - 1) % env.pp]
     total = torch.stack([x.detach().float() for x in losses]).sum() if losses else \
@@ -63,7 +63,8 @@ def forward_backward(model: nn.Module, microbatches: Sequence[Microbatch], loss_
         loss = _pipelined(plan, microbatches, loss_fn, autocast_dtype)
     else:
         loss = accumulate_gradients(model, microbatches, loss_fn, autocast_dtype,
-                                    lambda last: _set_grad_sync(model, plan, last))
+                                    lambda last: _set_grad_sync(model, plan, last),
+                                    forward_context=plan.forward_context if plan is not None else None)
     if plan is not None:
         plan.grad_sync.finalize()
     return loss

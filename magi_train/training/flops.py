@@ -13,15 +13,18 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "GH200": 989.0,
                     "L40S": 362.0, "L40": 181.0, "A6000": 155.0, "4090": 165.0, "B200": 2250.0}
 
 
-def forward_flops(cfg: ModelConfig, latent_frames: int, latent_h: int, latent_w: int, caption_len: int,
-                  lookback: int | None = None, attention: bool = True) -> float:
-    """Forward FLOPs for one sample of `latent_frames` frames (whole chunks) at latent size h x w.
-    attention=False leaves out the attention score/value products (only the linear layers and embedders)."""
-    D, qd, kvd = cfg.hidden_size, cfg.q_dim, cfg.kv_dim
+def _sizes(cfg: ModelConfig, latent_frames: int, latent_h: int, latent_w: int):
     frames = latent_frames // cfg.t_patch_size
-    tokens_per_frame = (latent_h // cfg.patch_size) * (latent_w // cfg.patch_size)
-    S = frames * tokens_per_frame
+    S = frames * (latent_h // cfg.patch_size) * (latent_w // cfg.patch_size)
     n = max(latent_frames // cfg.chunk_width, 1)
+    return S, n
+
+
+def layer_forward_flops(cfg: ModelConfig, latent_frames: int, latent_h: int, latent_w: int, caption_len: int,
+                        lookback: int | None = None, attention: bool = True) -> float:
+    """Forward FLOPs of one transformer layer for one sample; attention=False: its linear layers only."""
+    D, qd, kvd = cfg.hidden_size, cfg.q_dim, cfg.kv_dim
+    S, n = _sizes(cfg, latent_frames, latent_h, latent_w)
     tpc = S // n
     caption_tokens = n * caption_len
     ffn_out = cfg.ffn_hidden_size * (2 if cfg.gated_linear_unit else 1)
@@ -31,10 +34,19 @@ def forward_flops(cfg: ModelConfig, latent_frames: int, latent_h: int, latent_w:
     linear += 2 * S * D * ffn_out + 2 * S * cfg.ffn_hidden_size * D
     visible_pairs = sum(min(i + 1, lookback or i + 1) for i in range(n)) * tpc * tpc
     attn = 4 * qd * visible_pairs + 4 * qd * S * caption_len   # QK^T and AV, self and cross
-    per_layer = linear + (attn if attention else 0)
+    return float(linear + (attn if attention else 0))
+
+
+def forward_flops(cfg: ModelConfig, latent_frames: int, latent_h: int, latent_w: int, caption_len: int,
+                  lookback: int | None = None, attention: bool = True) -> float:
+    """Forward FLOPs for one sample of `latent_frames` frames (whole chunks) at latent size h x w.
+    attention=False leaves out the attention score/value products (only the linear layers and embedders)."""
+    D = cfg.hidden_size
+    S, n = _sizes(cfg, latent_frames, latent_h, latent_w)
+    per_layer = layer_forward_flops(cfg, latent_frames, latent_h, latent_w, caption_len, lookback, attention)
     patch = cfg.patch_size * cfg.patch_size * cfg.t_patch_size
     embed = 2 * S * patch * cfg.in_channels * D + 2 * S * D * patch * cfg.out_channels
-    embed += 2 * caption_tokens * cfg.caption_channels * cfg.xattn_dim
+    embed += 2 * n * caption_len * cfg.caption_channels * cfg.xattn_dim
     return float(cfg.num_layers * per_layer + embed)
 
 
@@ -55,4 +67,4 @@ def peak_flops_per_second(device: torch.device, override_tflops: float | None = 
     return None
 
 
-__all__ = ["forward_flops", "train_flops", "peak_flops_per_second", "PEAK_BF16_TFLOPS"]
+__all__ = ["forward_flops", "layer_forward_flops", "train_flops", "peak_flops_per_second", "PEAK_BF16_TFLOPS"]

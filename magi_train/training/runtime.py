@@ -41,11 +41,15 @@ def data_parallel_coords(rank: int, world_size: int, parallel) -> tuple[int, int
 
 
 def model_transforms(train_cfg: TrainConfig):
-    """The train.* keys parallelize applies per shell: freezing by name, activation checkpointing, compile."""
+    """The train.* keys parallelize applies per shell: freezing by name, activation recompute, compile, fp8."""
+    from magi_train.parallel.recompute import RecomputePolicy
     from magi_train.parallel.transforms import ModelTransforms
+    from magi_train.precision.fp8_training import Fp8Settings
 
     return ModelTransforms(trainable=partial(is_trainable, trainable=train_cfg.trainable, frozen=train_cfg.frozen),
-                           activation_checkpointing=train_cfg.activation_checkpointing, compile=train_cfg.compile)
+                           recompute=RecomputePolicy(train_cfg.recompute, train_cfg.recompute_every),
+                           compile=train_cfg.compile,
+                           fp8=Fp8Settings(train_cfg.fp8, train_cfg.fp8_recipe, train_cfg.fp8_all_gather))
 
 
 def _checkpoint_getter(path: str, key: str):
@@ -101,7 +105,11 @@ class TrainingRuntime:
     def build_model(self, cfg: MagiConfig, init_from: str | None) -> nn.Module:
         """The trained model of this rank: fp32 master weights, from `init_from` (a MAGI-1 checkpoint) or from
         the init one process draws (models up to SAME_INIT_MAX_PARAMS)."""
-        model_cfg = dataclasses.replace(cfg.model, params_dtype="float32")   # fp32 master weights, as one process
+        from magi_train.precision.fp8_training import resolve_layer_spec
+
+        # fp32 master weights, as one process; train.fp8=te builds TE's linears (model.layer_spec auto -> te)
+        model_cfg = dataclasses.replace(cfg.model, params_dtype="float32",
+                                        layer_spec=resolve_layer_spec(cfg.train.fp8, cfg.model.layer_spec))
         meta = build_dit(model_cfg, device="meta")
         sizes = {n: p.numel() for n, p in meta.named_parameters()}
         self.num_trainable, self.num_params = freezing_counts(sizes, cfg.train.trainable, cfg.train.frozen)
