@@ -3,13 +3,16 @@
 
   1. synthetic physics world (train + held-out clips)      python -m data_tools.synthetic_world
   2. webdataset shards                                       python -m data_tools.make_shards
-  3. small VAE trained on the clips                          python scripts/train_vae.py
+  3. patch VAE: pixels folded 4x4, centred and scaled       python scripts/train_vae.py --architecture patch
   4. latents + caption embeddings (offline hash encoder)     python -m data_tools.precompute
   5. tiny DiT trained with experiment=quickstart             python -m magi_train.train
   6. T2V from a caption, V2V continuation of a held-out clip python -m magi_infer
   7. V2V evaluation vs copy-last-frame                       python -m magi_train.evaluate
+  8. a PNG strip (truth | model | copy-last-frame) and the T2V object check
 
-Every stage whose output already exists is skipped, so a crashed run continues where it stopped.
+Every budget counts steps and samples, never seconds, and each stage runs a fixed number of threads: the same seed
+gives the same weights and scores on any machine, however busy. Every stage whose output already exists is
+skipped, so a crashed run continues where it stopped. What was tried and measured: docs/quickstart.md.
     python scripts/quickstart.py [--run-dir runs/quickstart] [--long | --fast]
 """
 from __future__ import annotations
@@ -32,21 +35,25 @@ ROOT = Path(__file__).resolve().parent.parent
 class Budget:
     train_clips: int
     val_clips: int
-    vae_seconds: float
     dit_steps: int
     eval_clips: int
     sampler_steps: int
-    batch_size: int = 16
+    batch_size: int = 8
 
 
 BUDGETS = {
-    "fast": Budget(train_clips=32, val_clips=2, vae_seconds=6, dit_steps=8, eval_clips=2, sampler_steps=4, batch_size=4),
-    "default": Budget(train_clips=768, val_clips=16, vae_seconds=75, dit_steps=900, eval_clips=16, sampler_steps=16,
-                      batch_size=8),
-    "long": Budget(train_clips=4000, val_clips=32, vae_seconds=400, dit_steps=8000, eval_clips=32, sampler_steps=32),
+    "fast": Budget(train_clips=32, val_clips=2, dit_steps=8, eval_clips=2, sampler_steps=4, batch_size=4),
+    "default": Budget(train_clips=768, val_clips=16, dit_steps=900, eval_clips=16, sampler_steps=16),
+    "long": Budget(train_clips=4000, val_clips=32, dit_steps=8000, eval_clips=32, sampler_steps=32),
 }
+# One thread in every stage. The count changes float sums (1e-8 in the weights after 6 steps at 1 vs 2 threads),
+# so it is fixed for the same weights on every machine; and this model's tensors are so small that on a busy
+# machine a second thread only spin-waits (precompute ran 8x slower with two, measured in docs/quickstart.md).
+THREADS = 1
 WORLD = ["--height", "32", "--width", "32", "--num-frames", "24", "--fps", "8"]
 FPS, PREFIX, FUTURE = 8, 12, 12
+VAE_FACTOR = 4          # 32x32 px -> 8x8 latent cells of 4x4 RGB = 48 channels (experiment=quickstart in_channels)
+STRIP_CLIPS = 4         # held-out clips shown in the PNG strip
 
 
 def stage(name: str, done: Path | None, cmd: list[str], timings: dict, env=None) -> None:
@@ -56,7 +63,8 @@ def stage(name: str, done: Path | None, cmd: list[str], timings: dict, env=None)
         return
     print(f"[quickstart] {name}: {' '.join(cmd)}", flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})})
+    threads_env = {k: str(THREADS) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **threads_env, **(env or {})})
     timings[name] = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"[quickstart] {name} failed with exit code {proc.returncode}; rerun the same command to continue")
@@ -93,6 +101,40 @@ def write_infer_config(run: Path, weights: Path, steps: int) -> Path:
     return path
 
 
+def vae_command(clips: Path, out: Path) -> list[str]:
+    """The latent space: 4x4 RGB blocks centred on the clips' mean and scaled to unit std (no network to train;
+    a trained conv VAE lost the objects under load and cost 75 s, docs/quickstart.md)."""
+    return [PY, "scripts/train_vae.py", "--data", str(clips), "--out", str(out), "--architecture", "patch",
+            "--latent-channels", str(3 * VAE_FACTOR ** 2), "--spatial-factor", str(VAE_FACTOR), "--val-clips", "4",
+            "--no-progress"]
+
+
+def write_png_strip(run: Path, clips: int) -> Path:
+    """quickstart.png from the evaluation's side-by-side videos (each frame: truth | model | copy-last-frame)."""
+    from magi_train.data.video_codec import read_video
+    from magi_train.evaluation.png_strip import write_strip
+
+    rows = []
+    for path in sorted((run / "eval").glob("v2v_*_truth_model_copy.mp4"))[:clips]:
+        frames = read_video(path)[0]
+        w = frames.shape[2] // 3
+        rows.append(tuple(frames[:, :, i * w:(i + 1) * w] for i in range(3)))
+    return write_strip(run / "quickstart.png", rows, prefix_frames=PREFIX, every=2)
+
+
+def t2v_check(video: Path, trajectories: Path) -> dict:
+    """Share of the T2V frames holding an object of a colour the prompt names and how far it travels; the frames
+    also go to a PNG strip beside the video."""
+    from data_tools.world_tracker import object_presence
+    from magi_train.data.video_codec import read_video
+    from magi_train.evaluation.png_strip import write_strip
+
+    frames = read_video(video)[0]
+    write_strip(video.with_suffix(".png"), [(frames,)], prefix_frames=1, every=2)
+    colours = [o["rgb"] for o in json.loads(trajectories.read_text())["objects"]]
+    return object_presence(frames, colours)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run-dir", default="runs/quickstart")
@@ -118,9 +160,7 @@ def main(argv=None) -> int:
         stage(f"shards/{split}", shards / f"raw_{split}" / "report.json",
               [PY, "-m", "data_tools.make_shards", str(world / split), str(shards / f"raw_{split}"),
                "--max-samples-per-shard", "256"], timings)
-    stage("vae", run / "vae" / "config.json",
-          [PY, "scripts/train_vae.py", "--data", str(world / "train"), "--out", str(run / "vae"),
-           "--max-seconds", str(b.vae_seconds), "--steps", "100000", "--val-clips", "4", "--no-progress"], timings)
+    stage("vae", run / "vae" / "config.json", vae_command(world / "train", run / "vae"), timings)
     for split in ("train", "val"):
         stage(f"precompute/{split}", shards / f"latent_{split}" / "DONE",
               [PY, "-m", "data_tools.precompute", str(shards / f"raw_{split}"), str(shards / f"latent_{split}"),
@@ -147,15 +187,18 @@ def main(argv=None) -> int:
     stage("evaluate", None,
           [PY, "-m", "magi_train.evaluate", "--config_file", str(infer_cfg), "--clips", str(world / "val"),
            "--prefix_frames", str(PREFIX), "--num_frames", str(FUTURE), "--max_clips", str(b.eval_clips),
-           "--out", str(run / "eval")], timings)
+           "--videos", str(min(STRIP_CLIPS, b.eval_clips)), "--out", str(run / "eval")], timings)
 
     summary = json.loads((run / "eval" / "summary.json").read_text())
+    strip = write_png_strip(run, min(STRIP_CLIPS, b.eval_clips))
+    t2v = t2v_check(videos / "t2v.mp4", world / "val" / "val-000000.json")
     total = time.perf_counter() - t_start
     report = {"run_dir": str(run), "seconds_total": round(total, 1),
               "seconds_per_stage": {k: round(v, 1) for k, v in timings.items()},
               "videos": sorted(str(p) for p in videos.glob("*.mp4")) + sorted(str(p) for p in (run / "eval").glob("*.mp4")),
               "scores": summary, "scores_csv": str(run / "eval" / "scores.csv"),
-              "plot": str(run / "eval" / "error_vs_time.png"), "weights": str(latest_export(run))}
+              "plot": str(run / "eval" / "error_vs_time.png"), "strip": str(strip), "t2v": t2v,
+              "weights": str(latest_export(run))}
     (run / "summary.json").write_text(json.dumps(report, indent=1))
     print("\n==================== quickstart summary ====================")
     print(f"run directory     {run}")
@@ -163,6 +206,9 @@ def main(argv=None) -> int:
     for v in report["videos"]:
         print(f"video             {v}")
     print(f"scores            {report['scores_csv']}   plot {report['plot']}")
+    print(f"strip             {strip}  (rows truth | model | copy-last-frame)   T2V {videos / 't2v.png'}")
+    print(f"t2v               object in {t2v['frames_with_object']:.0%} of frames, moves {t2v['travel_px']:.1f} px "
+          f"(colours of the prompt's objects)")
     from magi_train.evaluate import format_table
 
     print(format_table(summary))
