@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
+import resource
 import subprocess
 import sys
 import time
@@ -44,7 +44,7 @@ class Budget:
 BUDGETS = {
     "fast": Budget(train_clips=32, val_clips=2, dit_steps=8, eval_clips=2, sampler_steps=4, batch_size=4),
     "default": Budget(train_clips=768, val_clips=16, dit_steps=900, eval_clips=16, sampler_steps=16),
-    "long": Budget(train_clips=4000, val_clips=32, dit_steps=8000, eval_clips=32, sampler_steps=32),
+    "long": Budget(train_clips=3000, val_clips=16, dit_steps=3000, eval_clips=16, sampler_steps=16),
 }
 # One thread in every stage. The count changes float sums (1e-8 in the weights after 6 steps at 1 vs 2 threads),
 # so it is fixed for the same weights on every machine; and this model's tensors are so small that on a busy
@@ -52,8 +52,17 @@ BUDGETS = {
 THREADS = 1
 WORLD = ["--height", "32", "--width", "32", "--num-frames", "24", "--fps", "8"]
 FPS, PREFIX, FUTURE = 8, 12, 12
-VAE_FACTOR = 4          # 32x32 px -> 8x8 latent cells of 4x4 RGB = 48 channels (experiment=quickstart in_channels)
+VAE_FACTOR = 4          # 32x32 px -> 8x8 latent cells of 4x4 RGB blocks
+VAE_CHANNELS = 12       # their top principal components (experiment=quickstart in_channels): 33 dB, docs/quickstart.md
 STRIP_CLIPS = 4         # held-out clips shown in the PNG strip
+
+
+CPU_SECONDS: dict[str, float] = {}   # per stage: what it would take alone on the machine (one thread each)
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def stage(name: str, done: Path | None, cmd: list[str], timings: dict, env=None) -> None:
@@ -62,10 +71,11 @@ def stage(name: str, done: Path | None, cmd: list[str], timings: dict, env=None)
         timings[name] = 0.0
         return
     print(f"[quickstart] {name}: {' '.join(cmd)}", flush=True)
-    t0 = time.perf_counter()
     threads_env = {k: str(THREADS) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    t0, cpu0 = time.perf_counter(), _children_cpu()
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **threads_env, **(env or {})})
     timings[name] = time.perf_counter() - t0
+    CPU_SECONDS[name] = _children_cpu() - cpu0
     if proc.returncode != 0:
         sys.exit(f"[quickstart] {name} failed with exit code {proc.returncode}; rerun the same command to continue")
 
@@ -105,7 +115,7 @@ def vae_command(clips: Path, out: Path) -> list[str]:
     """The latent space: 4x4 RGB blocks centred on the clips' mean and scaled to unit std (no network to train;
     a trained conv VAE lost the objects under load and cost 75 s, docs/quickstart.md)."""
     return [PY, "scripts/train_vae.py", "--data", str(clips), "--out", str(out), "--architecture", "patch",
-            "--latent-channels", str(3 * VAE_FACTOR ** 2), "--spatial-factor", str(VAE_FACTOR), "--val-clips", "4",
+            "--latent-channels", str(VAE_CHANNELS), "--spatial-factor", str(VAE_FACTOR), "--val-clips", "4",
             "--no-progress"]
 
 
@@ -130,7 +140,7 @@ def t2v_check(video: Path, trajectories: Path) -> dict:
     from magi_train.evaluation.png_strip import write_strip
 
     frames = read_video(video)[0]
-    write_strip(video.with_suffix(".png"), [(frames,)], prefix_frames=1, every=2)
+    write_strip(video.with_suffix(".png"), [(frames,)], prefix_frames=1, every=2, labels=["T2V"])
     colours = [o["rgb"] for o in json.loads(trajectories.read_text())["objects"]]
     return object_presence(frames, colours)
 
@@ -139,7 +149,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run-dir", default="runs/quickstart")
     g = ap.add_mutually_exclusive_group()
-    g.add_argument("--long", action="store_true", help="bigger data, longer training: better videos (~1 h on 2 cores)")
+    g.add_argument("--long", action="store_true",
+                   help="4x the clips and 3.3x the steps: better videos (~30 min on 2 cores)")
     g.add_argument("--fast", action="store_true", help="a minute-long smoke run of every stage (tests)")
     args = ap.parse_args(argv)
     b = BUDGETS["long" if args.long else "fast" if args.fast else "default"]
@@ -195,6 +206,7 @@ def main(argv=None) -> int:
     total = time.perf_counter() - t_start
     report = {"run_dir": str(run), "seconds_total": round(total, 1),
               "seconds_per_stage": {k: round(v, 1) for k, v in timings.items()},
+              "cpu_seconds_per_stage": {k: round(v, 1) for k, v in CPU_SECONDS.items()},
               "videos": sorted(str(p) for p in videos.glob("*.mp4")) + sorted(str(p) for p in (run / "eval").glob("*.mp4")),
               "scores": summary, "scores_csv": str(run / "eval" / "scores.csv"),
               "plot": str(run / "eval" / "error_vs_time.png"), "strip": str(strip), "t2v": t2v,
@@ -202,7 +214,8 @@ def main(argv=None) -> int:
     (run / "summary.json").write_text(json.dumps(report, indent=1))
     print("\n==================== quickstart summary ====================")
     print(f"run directory     {run}")
-    print(f"total time        {total:.0f} s  (training {timings.get('train', 0):.0f} s)")
+    print(f"total time        {total:.0f} s  (training {timings.get('train', 0):.0f} s); CPU time of the stages "
+          f"{sum(CPU_SECONDS.values()):.0f} s (the wall time on an idle machine: one thread each)")
     for v in report["videos"]:
         print(f"video             {v}")
     print(f"scores            {report['scores_csv']}   plot {report['plot']}")

@@ -198,16 +198,21 @@ def measure_scale_factor(model: SmallVAE, clips: list[np.ndarray], limit: int = 
 
 
 @torch.no_grad()
-def measure_channel_mean(model: SmallVAE, clips: list[np.ndarray], limit: int = 64) -> torch.Tensor:
-    """[C] mean of each latent channel of the model (offset not applied) over (up to `limit`) training clips."""
+def measure_patch_basis(model: SmallVAE, clips: list[np.ndarray], limit: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean [3 f^2] and top latent_channels principal components [k, 3 f^2] of the f x f RGB blocks of (up to
+    `limit`) training clips: what the patch VAE subtracts and projects onto."""
     sf = model.spatial_factor
-    sums, count = 0.0, 0
+    blocks = []
     for clip in clips[:limit]:
         h, w = clip.shape[1] // sf * sf, clip.shape[2] // sf * sf
         x = F.pixel_unshuffle(to_model_range(clip[:, :h, :w]).transpose(0, 1), sf)   # [T, C, h, w]
-        sums = sums + x.sum(dim=(0, 2, 3))
-        count += x.shape[0] * x.shape[2] * x.shape[3]
-    return (sums / count).float()
+        blocks.append(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]).double())
+    data = torch.cat(blocks)
+    mean = data.mean(0)
+    _, _, components = torch.linalg.svd(data - mean, full_matrices=False)
+    basis = components[: model.latent_channels]
+    basis = basis * torch.where(basis.sum(1, keepdim=True) < 0, -1.0, 1.0)   # a fixed sign: same file every run
+    return mean.float(), basis.float()
 
 
 @torch.no_grad()
@@ -302,7 +307,7 @@ def train_vae(cfg: VAETrainConfig) -> dict:
 def _finish(model: SmallVAE, cfg: VAETrainConfig, clips, held_out, steps: int, seconds: float) -> dict:
     """Offset (patch) and scale factor from the training clips, held-out scores, then save atomically."""
     if model.arch.architecture == "patch":
-        model.codec.offset.data = measure_channel_mean(model, clips)
+        model.codec.offset.data, model.codec.basis.data = measure_patch_basis(model, clips)
     model.scale_factor = measure_scale_factor(model, clips)
     held_out_psnr = evaluate_psnr(model, held_out)
     metrics = {"steps": steps, "seconds": round(seconds, 1), "held_out_psnr": round(held_out_psnr, 2),

@@ -47,13 +47,28 @@ def strip_image(clips: Sequence[tuple[np.ndarray, ...]], prefix_frames: int, eve
 
 
 def write_strip(path: str | Path, clips: Sequence[tuple[np.ndarray, ...]], prefix_frames: int, every: int = 2,
-                zoom: int = 4) -> Path:
-    """Write strip_image(...) as a PNG (atomically: a reader never sees half a file)."""
-    from PIL import Image
+                zoom: int = 4, labels: Sequence[str] | None = ROW_NAMES, gap: int = 2) -> Path:
+    """Write strip_image(...) as a PNG (atomically: a reader never sees half a file), with each row's name in a
+    left margin (labels=None: no margin)."""
+    from PIL import Image, ImageDraw
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(strip_image(clips, prefix_frames, every, zoom, gap))
+    if labels:
+        margin = 96
+        framed = Image.new("RGB", (img.width + margin, img.height), "white")
+        framed.paste(img, (margin, 0))
+        draw = ImageDraw.Draw(framed)
+        row_h = clips[0][0].shape[1] * zoom + gap
+        y = 0
+        for rows in clips:
+            for i in range(len(rows)):
+                if i < len(labels):
+                    draw.text((4, y + i * row_h + row_h // 2 - 6), labels[i], fill="black")
+            y += len(rows) * row_h + 4 * gap
+        img = framed
     tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(strip_image(clips, prefix_frames, every, zoom)).save(tmp, format="PNG")
+    img.save(tmp, format="PNG")
     tmp.replace(path)
     return path
