@@ -3,16 +3,17 @@
 
   1. synthetic physics world (train + held-out clips)      python -m data_tools.synthetic_world
   2. webdataset shards                                       python -m data_tools.make_shards
-  3. patch VAE: pixels folded 4x4, centred and scaled       python scripts/train_vae.py --architecture patch
+  3. patch VAE: 4x4 RGB blocks onto 12 principal components python scripts/train_vae.py --architecture patch
   4. latents + caption embeddings (offline hash encoder)     python -m data_tools.precompute
   5. tiny DiT trained with experiment=quickstart             python -m magi_train.train
   6. T2V from a caption, V2V continuation of a held-out clip python -m magi_infer
   7. V2V evaluation vs copy-last-frame                       python -m magi_train.evaluate
   8. a PNG strip (truth | model | copy-last-frame) and the T2V object check
 
-Every budget counts steps and samples, never seconds, and each stage runs a fixed number of threads: the same seed
-gives the same weights and scores on any machine, however busy. Every stage whose output already exists is
-skipped, so a crashed run continues where it stopped. What was tried and measured: docs/quickstart.md.
+Every budget counts steps and samples, never seconds, and each stage runs one thread, so a busy machine trains
+the same thing as an idle one (x264's encoding of the world's mp4s still varies a little between runs:
+docs/quickstart.md). Every stage whose output already exists is skipped, so a crashed run continues where it
+stopped. What was tried and measured: docs/quickstart.md.
     python scripts/quickstart.py [--run-dir runs/quickstart] [--long | --fast]
 """
 from __future__ import annotations
@@ -112,8 +113,8 @@ def write_infer_config(run: Path, weights: Path, steps: int) -> Path:
 
 
 def vae_command(clips: Path, out: Path) -> list[str]:
-    """The latent space: 4x4 RGB blocks centred on the clips' mean and scaled to unit std (no network to train;
-    a trained conv VAE lost the objects under load and cost 75 s, docs/quickstart.md)."""
+    """The latent space: 4x4 RGB blocks less the clips' mean, onto their top VAE_CHANNELS principal components,
+    scaled to unit std (no network to train; a conv VAE trained for 75 s lost the objects under load)."""
     return [PY, "scripts/train_vae.py", "--data", str(clips), "--out", str(out), "--architecture", "patch",
             "--latent-channels", str(VAE_CHANNELS), "--spatial-factor", str(VAE_FACTOR), "--val-clips", "4",
             "--no-progress"]
