@@ -57,3 +57,30 @@ def trajectory_error(measured: np.ndarray, reference: np.ndarray) -> dict:
     if not ok.any():
         return {"mean_px": float("nan"), "max_px": float("nan"), "visible": 0.0}
     return {"mean_px": float(d[ok].mean()), "max_px": float(d[ok].max()), "visible": float(ok.mean())}
+
+
+
+def object_presence(frames: np.ndarray, rgb_list, min_pixels: int = 4, tol: float = 60.0) -> dict:
+    """Is there an object in generated frames (T2V, where no trajectory is given)? In each frame, the object of
+    rgb_list with the most pixels (classified as track_centroids does) counts when it has at least min_pixels
+    (a ball of the smallest radius, 3 px, covers ~28 pixels).
+
+    Returns {frames_with_object: fraction of frames, travel_px: largest distance of the centroid of the object
+    seen most often from its first position, pixels: mean pixel count of the best object per frame}."""
+    frames = np.asarray(frames, np.float32)
+    colours = np.asarray(rgb_list, np.float32).reshape(-1, 3)
+    if len(frames) == 0 or len(colours) == 0:
+        return {"frames_with_object": 0.0, "travel_px": 0.0, "pixels": 0.0}
+    dist2 = ((frames[..., None, :] - colours) ** 2).sum(-1)            # [T, H, W, n]
+    nearest = dist2.argmin(-1)
+    close = np.take_along_axis(dist2, nearest[..., None], -1)[..., 0] < tol * tol
+    counts = np.stack([(close & (nearest == i)).sum(axis=(1, 2)) for i in range(len(colours))], axis=1)
+    seen = counts.max(axis=1) >= min_pixels
+    out = {"frames_with_object": float(seen.mean()), "travel_px": 0.0, "pixels": float(counts.max(axis=1).mean())}
+    if seen.any():
+        best = int(np.bincount(counts.argmax(axis=1)[seen], minlength=len(colours)).argmax())
+        track = track_centroids(frames, colours[best:best + 1], tol=tol, min_pixels=min_pixels)[:, 0]
+        ok = track[np.isfinite(track).all(-1)]
+        if len(ok) >= 2:
+            out["travel_px"] = float(np.hypot(*(ok - ok[0]).T).max())
+    return out

@@ -3,13 +3,17 @@
 
   1. synthetic physics world (train + held-out clips)      python -m data_tools.synthetic_world
   2. webdataset shards                                       python -m data_tools.make_shards
-  3. small VAE trained on the clips                          python scripts/train_vae.py
+  3. patch VAE: 4x4 RGB blocks onto 12 principal components python scripts/train_vae.py --architecture patch
   4. latents + caption embeddings (offline hash encoder)     python -m data_tools.precompute
   5. tiny DiT trained with experiment=quickstart             python -m magi_train.train
   6. T2V from a caption, V2V continuation of a held-out clip python -m magi_infer
   7. V2V evaluation vs copy-last-frame                       python -m magi_eval
+  8. a PNG strip (truth | model | copy-last-frame) and the T2V object check
 
-Every stage whose output already exists is skipped, so a crashed run continues where it stopped.
+Every budget counts steps and samples, never seconds, and each stage runs one thread, so a busy machine trains
+the same thing as an idle one (x264's encoding of the world's mp4s still varies a little between runs:
+docs/quickstart.md). Every stage whose output already exists is skipped, so a crashed run continues where it
+stopped. What was tried and measured: docs/quickstart.md.
     python scripts/quickstart.py [--run-dir runs/quickstart] [--long | --fast]
 """
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
+import resource
 import subprocess
 import sys
 import time
@@ -32,21 +36,34 @@ ROOT = Path(__file__).resolve().parent.parent
 class Budget:
     train_clips: int
     val_clips: int
-    vae_seconds: float
     dit_steps: int
     eval_clips: int
     sampler_steps: int
-    batch_size: int = 16
+    batch_size: int = 8
 
 
 BUDGETS = {
-    "fast": Budget(train_clips=32, val_clips=2, vae_seconds=6, dit_steps=8, eval_clips=2, sampler_steps=4, batch_size=4),
-    "default": Budget(train_clips=768, val_clips=16, vae_seconds=75, dit_steps=900, eval_clips=16, sampler_steps=16,
-                      batch_size=8),
-    "long": Budget(train_clips=4000, val_clips=32, vae_seconds=400, dit_steps=8000, eval_clips=32, sampler_steps=32),
+    "fast": Budget(train_clips=32, val_clips=2, dit_steps=8, eval_clips=2, sampler_steps=4, batch_size=4),
+    "default": Budget(train_clips=768, val_clips=16, dit_steps=900, eval_clips=16, sampler_steps=16),
+    "long": Budget(train_clips=3000, val_clips=16, dit_steps=3000, eval_clips=16, sampler_steps=16),
 }
+# One thread in every stage. The count changes float sums (1e-8 in the weights after 6 steps at 1 vs 2 threads),
+# so it is fixed for the same weights on every machine; and this model's tensors are so small that on a busy
+# machine a second thread only spin-waits (precompute ran 8x slower with two, measured in docs/quickstart.md).
+THREADS = 1
 WORLD = ["--height", "32", "--width", "32", "--num-frames", "24", "--fps", "8"]
 FPS, PREFIX, FUTURE = 8, 12, 12
+VAE_FACTOR = 4          # 32x32 px -> 8x8 latent cells of 4x4 RGB blocks
+VAE_CHANNELS = 12       # their top principal components (experiment=quickstart in_channels): 33 dB, docs/quickstart.md
+STRIP_CLIPS = 4         # held-out clips shown in the PNG strip
+
+
+CPU_SECONDS: dict[str, float] = {}   # per stage: what it would take alone on the machine (one thread each)
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def stage(name: str, done: Path | None, cmd: list[str], timings: dict, env=None) -> None:
@@ -55,9 +72,11 @@ def stage(name: str, done: Path | None, cmd: list[str], timings: dict, env=None)
         timings[name] = 0.0
         return
     print(f"[quickstart] {name}: {' '.join(cmd)}", flush=True)
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})})
+    threads_env = {k: str(THREADS) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    t0, cpu0 = time.perf_counter(), _children_cpu()
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **threads_env, **(env or {})})
     timings[name] = time.perf_counter() - t0
+    CPU_SECONDS[name] = _children_cpu() - cpu0
     if proc.returncode != 0:
         sys.exit(f"[quickstart] {name} failed with exit code {proc.returncode}; rerun the same command to continue")
 
@@ -93,11 +112,49 @@ def write_infer_config(run: Path, weights: Path, steps: int) -> Path:
     return path
 
 
+def vae_command(clips: Path, out: Path) -> list[str]:
+    """The latent space: 4x4 RGB blocks less the clips' mean, onto their top VAE_CHANNELS principal components,
+    scaled to unit std (no network to train; a conv VAE trained for 75 s lost the objects under load)."""
+    return [PY, "scripts/train_vae.py", "--data", str(clips), "--out", str(out), "--architecture", "patch",
+            "--latent-channels", str(VAE_CHANNELS), "--spatial-factor", str(VAE_FACTOR), "--val-clips", "4",
+            "--no-progress"]
+
+
+def write_png_strip(cell_dir: Path, out: Path, clips: int) -> Path:
+    """quickstart.png from the evaluation cell's videos: rows truth | model | copy-last-frame per clip."""
+    import numpy as np
+
+    from magi_train.data.video_codec import read_video
+    from magi_train.evaluation import copy_last_frame
+    from magi_train.evaluation.png_strip import write_strip
+
+    rows = []
+    for i in range(clips):
+        model, truth = (read_video(cell_dir / name)[0] for name in (f"clip{i}.mp4", f"clip{i}_truth.mp4"))
+        copy = np.concatenate([truth[:PREFIX], copy_last_frame(truth[:PREFIX], len(truth) - PREFIX)])
+        rows.append((truth, model[:len(truth)], copy))
+    return write_strip(out, rows, prefix_frames=PREFIX, every=2)
+
+
+def t2v_check(video: Path, trajectories: Path) -> dict:
+    """Share of the T2V frames holding an object of a colour the prompt names and how far it travels; the frames
+    also go to a PNG strip beside the video."""
+    from data_tools.world_tracker import object_presence
+    from magi_train.data.video_codec import read_video
+    from magi_train.evaluation.png_strip import write_strip
+
+    frames = read_video(video)[0]
+    write_strip(video.with_suffix(".png"), [(frames,)], prefix_frames=1, every=2, labels=["T2V"])
+    colours = [o["rgb"] for o in json.loads(trajectories.read_text())["objects"]]
+    return object_presence(frames, colours)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run-dir", default="runs/quickstart")
     g = ap.add_mutually_exclusive_group()
-    g.add_argument("--long", action="store_true", help="bigger data, longer training: better videos (~1 h on 2 cores)")
+    g.add_argument("--long", action="store_true",
+                   help="4x the clips and 3.3x the steps: better videos (~30 min on 2 cores)")
     g.add_argument("--fast", action="store_true", help="a minute-long smoke run of every stage (tests)")
     args = ap.parse_args(argv)
     b = BUDGETS["long" if args.long else "fast" if args.fast else "default"]
@@ -118,9 +175,7 @@ def main(argv=None) -> int:
         stage(f"shards/{split}", shards / f"raw_{split}" / "report.json",
               [PY, "-m", "data_tools.make_shards", str(world / split), str(shards / f"raw_{split}"),
                "--max-samples-per-shard", "256"], timings)
-    stage("vae", run / "vae" / "config.json",
-          [PY, "scripts/train_vae.py", "--data", str(world / "train"), "--out", str(run / "vae"),
-           "--max-seconds", str(b.vae_seconds), "--steps", "100000", "--val-clips", "4", "--no-progress"], timings)
+    stage("vae", run / "vae" / "config.json", vae_command(world / "train", run / "vae"), timings)
     for split in ("train", "val"):
         stage(f"precompute/{split}", shards / f"latent_{split}" / "DONE",
               [PY, "-m", "data_tools.precompute", str(shards / f"raw_{split}"), str(shards / f"latent_{split}"),
@@ -147,25 +202,35 @@ def main(argv=None) -> int:
     stage("evaluate", None,
           [PY, "-m", "magi_eval", f"checkpoint={latest_export(run)}", f"infer_config={infer_cfg}",
            f"clips.path={world / 'val'}", f"clips.prefix_frames={PREFIX}", f"clips.num_frames={FUTURE}",
-           f"clips.max_clips={b.eval_clips}", f"sweep_dir={run / 'eval'}", "videos=2", "progress=false"], timings)
+           f"clips.max_clips={b.eval_clips}", f"sweep_dir={run / 'eval'}", f"videos={min(STRIP_CLIPS, b.eval_clips)}",
+           "progress=false"], timings)
 
-    cell = next(c for c in map(json.loads, map(Path.read_text, (run / "eval" / "cells").glob("[!.]*/cell.json")))
-                if c["checkpoint"] == str(latest_export(run).resolve()))
+    cell_dir = next(d for d in (run / "eval" / "cells").glob("[!.]*") if (d / "cell.json").exists() and
+                    json.loads((d / "cell.json").read_text())["checkpoint"] == str(latest_export(run).resolve()))
+    cell = json.loads((cell_dir / "cell.json").read_text())
     summary = {m: {k: v["mean"] for k, v in cell[key].items()} for m, key in
                (("model", "metrics"), ("copy_last_frame", "baseline_copy_last_frame"), ("ground_truth", "ground_truth"))}
+    strip = write_png_strip(cell_dir, run / "quickstart.png", min(STRIP_CLIPS, b.eval_clips))
+    t2v = t2v_check(videos / "t2v.mp4", world / "val" / "val-000000.json")
     total = time.perf_counter() - t_start
     report = {"run_dir": str(run), "seconds_total": round(total, 1),
               "seconds_per_stage": {k: round(v, 1) for k, v in timings.items()},
+              "cpu_seconds_per_stage": {k: round(v, 1) for k, v in CPU_SECONDS.items()},
               "videos": sorted(str(p) for p in videos.glob("*.mp4")) + sorted(str(p) for p in (run / "eval").glob("*.mp4")),
               "scores": summary, "scores_csv": str(run / "eval" / "results.csv"),
-              "plot": str(run / "eval" / "grid.png"), "weights": str(latest_export(run))}
+              "plot": str(run / "eval" / "grid.png"), "strip": str(strip), "t2v": t2v,
+              "weights": str(latest_export(run))}
     (run / "summary.json").write_text(json.dumps(report, indent=1))
     print("\n==================== quickstart summary ====================")
     print(f"run directory     {run}")
-    print(f"total time        {total:.0f} s  (training {timings.get('train', 0):.0f} s)")
+    print(f"total time        {total:.0f} s  (training {timings.get('train', 0):.0f} s); CPU time of the stages "
+          f"{sum(CPU_SECONDS.values()):.0f} s (the wall time on an idle machine: one thread each)")
     for v in report["videos"]:
         print(f"video             {v}")
     print(f"scores            {report['scores_csv']}   plot {report['plot']}")
+    print(f"strip             {strip}  (rows truth | model | copy-last-frame)   T2V {videos / 't2v.png'}")
+    print(f"t2v               object in {t2v['frames_with_object']:.0%} of frames, moves {t2v['travel_px']:.1f} px "
+          f"(colours of the prompt's objects)")
     print((run / "eval" / "results.md").read_text())
     return 0
 

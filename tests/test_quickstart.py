@@ -1,5 +1,7 @@
 """The README's first command, shortened (--fast): every stage runs through its real entry point and leaves
-valid output (playable mp4s, a parseable score table, a plot, MAGI-1 weights)."""
+valid output (playable mp4s, a parseable score table, a plot, the PNG strips, MAGI-1 weights). Whether the
+default trains a world model that works is measured in docs/quickstart.md (far too long for a test); what a test
+can hold, that the latent space carries the objects, is tests/test_quickstart_latents.py."""
 import csv
 import json
 import subprocess
@@ -38,6 +40,12 @@ def test_fast_quickstart_end_to_end(tmp_path):
     assert (run / "eval" / "grid.png").stat().st_size > 1000
     assert (Path(summary["weights"]) / "model.safetensors").exists()
     assert float(summary["scores"]["ground_truth"]["traj_err_px"]) < 1.0   # the tracker itself is accurate
+    from PIL import Image
+    strip = Image.open(summary["strip"])   # 2 clips x 3 rows (truth | model | copy) of 32 px frames, enlarged 4x
+    assert strip.size[1] > 2 * 3 * 128 and strip.size[0] >= 7 * 128
+    assert (run / "videos" / "t2v.png").exists()
+    assert set(summary["t2v"]) == {"frames_with_object", "travel_px", "pixels"}
+    assert json.loads((run / "vae" / "config.json").read_text())["arch"]["architecture"] == "patch"
     # a rerun skips every finished stage
     again = subprocess.run([sys.executable, "scripts/quickstart.py", "--fast", "--run-dir", str(run)], cwd=ROOT,
                            capture_output=True, text=True)
