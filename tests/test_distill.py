@@ -127,7 +127,8 @@ def test_teacher_guided_velocity_equals_magi_infer_for_a_window(cfg_number):
     """A window of noisy chunks in every t bin, no history: the same inputs as magi_infer's guided_velocity."""
     teacher = _model(False, seed=2)
     x, caption, mask = _inputs(n=4)
-    t = torch.tensor([[0.01, 0.05, 0.2, 0.5], [0.02, 0.15, 0.35, 0.95]])
+    # one schedule for the whole batch, as inference runs it (magi_infer takes its CFG decisions from it on the host)
+    t = torch.tensor([[0.01, 0.15, 0.35, 0.95]] * 2)
     n = t.shape[1]
     inp = WindowInput(x=x, t=t, caption=caption[:, None].expand(-1, n, -1, -1), caption_mask=mask[:, None].expand(-1, n, -1),
                       first_chunk=0, num_clean=0, lookback=None)
@@ -143,7 +144,7 @@ def test_teacher_guided_velocity_equals_magi_infer_after_a_clean_prefix():
     teacher = _model(False, seed=3)
     x, caption, mask = _inputs(n=3)
     clean_t = 0.9999
-    t = torch.tensor([[clean_t, 0.05, 0.01], [clean_t, 0.4, 0.08]])
+    t = torch.tensor([[clean_t, 0.4, 0.08]] * 2)   # one schedule for the batch, as inference runs it
     B = 2
     cache = InferenceKVCache()
     null, null_mask = teacher.null_caption(B, 1, L)
