@@ -278,8 +278,9 @@ def test_recompute_saves_fewer_activations_and_selective_keeps_attention():
 
     (none, none_again), (full, full_again), (_, selective_again) = run("none"), run("full"), run("selective")
     assert full < 0.5 * none
-    # attention kernels run again in backward under full recompute (self + cross per block), never under selective
-    assert none_again == 0 and full_again == 2 * TINY.num_layers and selective_again == 0
+    # attention kernels run again in backward under full recompute (self, per chunk with sdpa_chunked, and cross in
+    # every block), never under selective
+    assert none_again == 0 and full_again >= 2 * TINY.num_layers and selective_again == 0
 
 
 def test_finetune_doc_pattern_selects_the_last_ten_blocks_of_4_5B():
