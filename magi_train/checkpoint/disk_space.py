@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 
 from magi_train.errors import RunStopped
+from magi_train.parallel.env import any_rank
 
 MARGIN = 1.05          # DCP metadata and pickled entries beside the tensors
 SLACK = 1 << 20
@@ -64,14 +64,6 @@ def state_bytes(state: dict) -> int:
     return total
 
 
-def _short_anywhere(short: bool) -> bool:
-    if not dist.is_initialized():
-        return short
-    flag = torch.tensor([1 if short else 0], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
-
-
 def _is_enospc(e: BaseException) -> bool:
     seen = set()
     while e is not None and id(e) not in seen:
@@ -95,7 +87,7 @@ def guarded_save(save: Callable[[], Path], directory: Path, step: int, state: di
     checkpoint (its size is the estimate), cleanup: removes a half-written temporary."""
     need = int(max(directory_bytes(last) if last is not None else 0, state_bytes(state)) * MARGIN) + SLACK
     free = shutil.disk_usage(directory).free
-    if _short_anywhere(free < need):
+    if any_rank(free < need):
         raise CheckpointWriteError(f"checkpoint of step {step}: {directory} has {_mb(free)} free, a checkpoint "
                                    f"needs about {_mb(need)}; free some space and resume (the checkpoints "
                                    f"written so far are complete)")

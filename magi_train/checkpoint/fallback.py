@@ -19,6 +19,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 
 from magi_train.errors import RunStopped
+from magi_train.parallel.env import any_rank
 
 log = logging.getLogger("magi_train")
 DAMAGED_PREFIX = "damaged-"
@@ -64,17 +65,6 @@ def set_aside(path: Path) -> Path:
     return target
 
 
-def _agree(ok: bool) -> bool:
-    """True only when every rank's load succeeded (one rank's failure must not leave the others going on)."""
-    if not dist.is_initialized():
-        return ok
-    import torch
-
-    flag = torch.tensor([0 if ok else 1], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return not bool(flag.item())
-
-
 def load_newest_loadable(candidates: list[Path], load: Callable[[Path], None], fallback: bool) -> Path:
     """Call load(path) on the newest candidate that is intact and loads; returns it. fallback=False (an explicit
     resume=PATH): the first candidate's damage is the one-line error."""
@@ -90,7 +80,7 @@ def load_newest_loadable(candidates: list[Path], load: Callable[[Path], None], f
                 raise
             except (Exception, CheckpointException) as e:   # the reader failed: this checkpoint is damaged
                 ok, error = False, e
-            if _agree(ok):
+            if not any_rank(not ok):   # every rank's load succeeded
                 if skipped:
                     log.warning("resume: using %s instead", path.name)
                 return path

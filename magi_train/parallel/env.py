@@ -110,5 +110,17 @@ def destroy_parallel(env: ParallelEnv | None = None, *, process_group: bool = Tr
         dist.destroy_process_group()
 
 
+def any_rank(flag: bool, device=None) -> bool:
+    """True when `flag` is true on any rank (a collective when distributed; the flag itself for one process).
+    device: where the reduction runs (default: the current CUDA device under NCCL, else the CPU)."""
+    if not dist.is_initialized():
+        return flag
+    if device is None:
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def group_size(group) -> int:
     return 1 if group is None else dist.get_world_size(group)

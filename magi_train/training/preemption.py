@@ -28,14 +28,9 @@ class PreemptionFlag:
 
     def agreed(self, device) -> bool:
         """True when any rank received a stop signal (collective when distributed)."""
-        import torch
-        import torch.distributed as dist
+        from magi_train.parallel.env import any_rank   # late: this module is imported before torch on purpose
 
-        if not dist.is_initialized():
-            return self.requested
-        flag = torch.tensor([1 if self.requested else 0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return any_rank(self.requested, device)
 
     def stop_line(self, step: int, saved: bool) -> str:
         """The line the loop prints when it stops on the signal."""
