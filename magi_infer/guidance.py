@@ -22,6 +22,7 @@ from einops import rearrange
 from magi_train.diffusion.sampling import blend_prev_chunks, cfg_scales, combine_cfg
 
 from .config import SamplerConfig
+from .device_copy import to_device
 from .kv_cache import InferenceKVCache
 
 
@@ -91,7 +92,7 @@ def guided_velocity(model, inp: WindowInput, cache: InferenceKVCache | None, sam
         s_prev = torch.ones_like(s_prev)
     need_text = bool((s_text != 0).any())
     uncond_chunks = [i for i, s in enumerate(s_prev.tolist()) if s != 1] if sampler.cfg_number == 3 else []
-    s_prev, s_text = s_prev.to(inp.t.device), s_text.to(inp.t.device)
+    s_prev, s_text = to_device(s_prev, inp.t.device), to_device(s_text, inp.t.device)
 
     # cond_pre (null prompt, writes the cache) and, when it has weight, cond_pre_and_text in one batch
     rows = [(inp.caption, inp.caption_mask, kept)] if need_text else []

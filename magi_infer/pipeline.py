@@ -14,6 +14,7 @@ from magi_train.diffusion.sampling import distill_dt_factors, euler_step, time_g
 
 from .conditioning import Conditioning
 from .config import SamplerConfig
+from .device_copy import to_device
 from .guidance import WindowInput, guided_velocity
 from .kv_cache import InferenceKVCache
 from .scheduler import WindowStep, lookbacks, oldest_visible, prefix_lookback, window_schedule
@@ -78,12 +79,12 @@ class ChunkGenerator:
         self.x = noise.to(self.device, torch.float32).clone()
         self.prefix = None if cond.prefix is None else cond.prefix.to(self.device, torch.float32)
         self._pin()
-        # the grid lives on the host too: which passes a forward needs and the trace are read from it, so no step
-        # waits for the GPU (the only device-to-host copies are the finished chunks)
+        # the grid lives on the host: which passes a forward needs and the trace are read from it, and each
+        # forward's t and step sizes go up with queued copies (device_copy.py), so no step waits for the GPU
         self.t_grid_host = time_grid(sampler.num_steps, sampler.shift, sampler.time_schedule, sampler.shortcut_mode)
         self.t_grid = self.t_grid_host.to(self.device)
-        self.dt_factors = (distill_dt_factors(sampler.num_steps, sampler.shortcut_mode).to(self.device)
-                           if cfg.distill else None)
+        self.dt_factors_host = distill_dt_factors(sampler.num_steps, sampler.shortcut_mode) if cfg.distill else None
+        self.dt_factors = None if self.dt_factors_host is None else self.dt_factors_host.to(self.device)
         self.schedule = window_schedule(num_chunks, sampler.window_size, sampler.num_steps, self.first_chunk)
         self.cache = InferenceKVCache(offload=sampler.kv_offload)
         set_null_caption_prefix(model, cond.null_prefix)
@@ -121,9 +122,9 @@ class ChunkGenerator:
         return points[::-1]
 
     def _dt(self, steps: list[int], B: int) -> torch.Tensor | None:
-        if self.dt_factors is None:
+        if self.dt_factors_host is None:
             return None
-        return self.dt_factors[torch.tensor(steps, device=self.device)][None].expand(B, -1)
+        return to_device(self.dt_factors_host[steps], self.device)[None].expand(B, -1)
 
     def window_input(self, ws: WindowStep) -> WindowInput:
         B = self.x.shape[0]
@@ -133,7 +134,7 @@ class ChunkGenerator:
         t_host = self.t_grid_host[list(ws.steps)]
         if nc:
             t_host = torch.cat([t_host.new_full((1,), self.sampler.clean_t), t_host])
-        t = t_host.to(self.device)
+        t = to_device(t_host, self.device)
         cap = self.caption[:, first:first + n_in].clone()
         mask = self.caption_mask[:, first:first + n_in].clone()
         if nc:  # the re-run finished chunk sees the null caption (MAGI-1)
@@ -169,11 +170,14 @@ class ChunkGenerator:
     def step(self, i: int) -> FinishedChunk | None:
         ws = self.schedule[i]
         self._pin()  # the release pads the prefix into every forward's input
-        v = self.velocity(ws)
+        # named range: bench_infer's --profile finds each forward's kernels by it (no cost unless profiling)
+        with torch.profiler.record_function(f"magi_forward stage={ws.stage} sub={ws.substep} in={len(ws.input_chunks)}"):
+            v = self.velocity(ws)
         steps = list(ws.steps)
         t_now, t_next = self.t_grid_host[steps], self.t_grid_host[[s + 1 for s in steps]]
         span = self._frames(ws.chunks[0], len(ws.chunks))
-        self.x[:, :, span] = euler_step(self.x[:, :, span], v, t_now.to(self.device), t_next.to(self.device), self.cw)
+        self.x[:, :, span] = euler_step(self.x[:, :, span], v, to_device(t_now, self.device),
+                                        to_device(t_next, self.device), self.cw)
         if self.sampler.i2v_frame0 == "pinned":  # else the update moves the prefix frames too, as in the release
             self._pin()
         self.trace.extend((c, s, float(a), float(b)) for c, s, a, b in zip(ws.chunks, ws.steps, t_now, t_next))

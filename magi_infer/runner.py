@@ -164,26 +164,27 @@ class MagiRunner:
         with torch.no_grad():
             return to_uint8_frames(self.vae.decode(chunk.latent[:1].to(self.device)))
 
-    def frames(self, gen: ChunkGenerator) -> Iterator[tuple[FinishedChunk, np.ndarray]]:
+    def frames(self, gen: ChunkGenerator, write=None) -> Iterator[tuple[FinishedChunk, np.ndarray]]:
         """Finished chunks with their pixels, in order; each is decoded on a second thread (and CUDA stream) while
-        the generator denoises the next ones."""
-        yield from _decoded_in_background(gen, self.decode, self.device)
+        the generator denoises the next ones. write(pixels), if given, runs on that thread too, after the decode:
+        the thread that queues the GPU's work does nothing else."""
+        yield from _decoded_in_background(gen, self.decode, self.device, write)
 
     def run(self, mode: str, prompts: Sequence[str], output_path: str, starts=None, image_path=None,
             prefix_video_path=None, progress: bool = True, on_chunk=None) -> dict:
         """Generate and stream to output_path; returns timing stats. on_chunk(chunk, writer) runs after each write.
 
-        seconds_per_chunk: time between chunks ready as pixels (decoded, written), the first from the start."""
+        seconds_per_chunk: time between chunks ready as pixels in the file (decoded, written), the first from the
+        start."""
         c = self.cfg
         gen = self.generator(mode, prompts, starts, image_path, prefix_video_path)
         bar = tqdm(total=gen.num_generated_chunks, desc=f"magi {mode}", unit="chunk", disable=not progress)
         times, frames = [], 0
         start = last = time.perf_counter()
         with StreamingVideoWriter(output_path, c.fps, c.video_size_w, c.video_size_h, c.crf, c.frames_dir) as writer:
-            for chunk, pixels in self.frames(gen):
-                writer.write(pixels)
+            for chunk, pixels in self.frames(gen, writer.write):
                 now = time.perf_counter()
-                times.append(chunk.ready_s - last)  # ready as pixels, not when this loop got round to it
+                times.append(chunk.ready_s - last)  # ready in the file, not when this loop got round to it
                 last = chunk.ready_s
                 frames += len(pixels)
                 bar.set_postfix_str(f"{times[-1]:.1f}s/chunk, {frames / (now - start):.2f} frames/s")
@@ -197,10 +198,11 @@ class MagiRunner:
                 "kv_cache": gen.cache.stats(), "output_path": str(output_path)}
 
 
-def _decoded_in_background(chunks, decode, device: torch.device) -> Iterator[tuple[FinishedChunk, np.ndarray]]:
-    """Iterate `chunks` (the denoising loop) here and decode each on a worker thread, yielding (chunk, pixels)
-    in order. On CUDA the worker decodes on its own stream after the chunk's latent is ready, so the VAE overlaps
-    the next forwards; its copy to the host waits for the decode only."""
+def _decoded_in_background(chunks, decode, device: torch.device, write=None
+                           ) -> Iterator[tuple[FinishedChunk, np.ndarray]]:
+    """Iterate `chunks` (the denoising loop) here and decode (then write, if given) each on a worker thread,
+    yielding (chunk, pixels) in order. On CUDA the worker decodes on its own stream after the chunk's latent is
+    ready, so the VAE overlaps the next forwards; its copy to the host waits for the decode only."""
     todo: queue.Queue = queue.Queue(maxsize=2)
     done: queue.Queue = queue.Queue()
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -217,6 +219,8 @@ def _decoded_in_background(chunks, decode, device: torch.device) -> Iterator[tup
                         stream.wait_event(ready)
                         chunk.latent.record_stream(stream)
                         pixels = decode(chunk)  # ends with the copy to the host: the chunk is done on the GPU
+                if write is not None:
+                    write(pixels)
                 chunk.ready_s = time.perf_counter()
                 done.put((chunk, pixels))
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, re-raised there

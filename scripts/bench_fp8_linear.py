@@ -5,7 +5,9 @@
 Variants: bf16 (F.linear), fp8 as first written (input quantised by separate fp32 ops, rows padded to 16),
 Fp8Linear with compiled islands on (one fused quantisation kernel, no padding: what magi_infer runs on CUDA), and
 the e4m3 GEMM alone (input already quantised): the gap between the last two is what the input's quantisation
-costs. CUDA only."""
+costs. Last row: the block's q/qx/k/v projection of one input, bf16 as one GEMM over the stacked weights (what the
+model runs), fp8 as four Fp8Linear calls (first version / now) against Fp8Linear.fused_forward (one quantisation,
+one rowwise-scaled e4m3 GEMM). CUDA only."""
 from __future__ import annotations
 
 import argparse
@@ -71,7 +73,32 @@ def main(argv=None) -> None:
         ref = F.linear(x.float(), w.float())
         err = float((layer(x).float() - ref).norm() / ref.norm())
         rows.append((name, ms, 2 * args.tokens * k * n, err))
+    # q/qx/k/v of one input: separate Fp8Linear calls vs the fused one
+    k, outs = 3072, (3072, 3072, 1024, 1024)
+    ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02 for n in outs]
+    layers = []
+    for w in ws:
+        layer = Fp8Linear(k, w.shape[0], "per_tensor").to(dev)
+        layer.load_state_dict(quantize_weight(w, "per_tensor"), strict=True)
+        layers.append(layer)
+    x = torch.randn(args.tokens, k, device=dev, dtype=torch.bfloat16)
+    w_all = torch.cat(ws)
+    xq = _to_e4m3(x, layers[0]._divisor())
+    fused = Fp8Linear.fused_forward
+    ms = {"bf16": timed(lambda: F.linear(x, torch.cat(ws)), args.iters),
+          "fp8 first version": timed(lambda: [first_version(m, x) for m in layers], args.iters),
+          "fp8 now": timed(lambda: fused(x, layers), args.iters),
+          "e4m3 GEMM alone": timed(lambda: [torch._scaled_mm(xq, m.weight[0].t(), scale_a=m.input_scale[:1].float(),
+                                                             scale_b=m.weight_scale, out_dtype=torch.bfloat16)
+                                            for m in layers], args.iters)}
+    separate = timed(lambda: [m(x) for m in layers], args.iters)
+    ref = F.linear(x.float(), w_all.float())
+    err = float((torch.cat(fused(x, layers), -1).float() - ref).norm() / ref.norm())
+    sep_err = float((torch.cat([m(x) for m in layers], -1).float() - torch.cat(fused(x, layers), -1).float()).norm()
+                    / ref.norm())
+    rows.append(("q/qx/k/v (3072 -> 8192), fp8 now = fused_forward", ms, 2 * args.tokens * k * sum(outs), err))
     print(f"tokens {args.tokens}, {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print(f"q/qx/k/v as four Fp8Linear calls: {separate:.3f} ms; fused vs four calls rel. difference {sep_err:.2e}")
     print("| linear | bf16 ms | fp8 first version ms | fp8 now ms | e4m3 GEMM alone ms | now vs bf16 | fp8 rel. error |")
     print("|---|---|---|---|---|---|---|")
     for name, ms, flops, err in rows:

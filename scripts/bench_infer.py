@@ -12,13 +12,20 @@ fill (and, cold, for torch.compile: a warm-up run first takes that out). A chunk
 pixels are on the host. Left out: the real T5 (the hash encoder stands in: text is encoded once per prompt) and
 the MAGI-1 VAE (an untrained small VAE decodes, overlapped with denoising either way). Random weights include the
 final projection (zero at init), so the velocities are not 0. --fp8 quantises the blocks to the MAGI-1 fp8 format
-(quantize_to_magi_fp8, weights-only scales) and first compares one window forward with bf16."""
+(quantize_to_magi_fp8, weights-only scales) and first compares one window forward with bf16. --profile DIR runs
+the timed run under torch.profiler and prints where the steady state's GPU time goes (kernel kinds, idle time,
+host waits); its timings include the profiler's overhead, so take speed figures from a run without it."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import collections
+import json
+import re
 import statistics
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -45,6 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup_chunks", type=int, default=1,
                    help="untimed run of this many chunks first (compile, kernel selection); 0: none")
     p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--profile", metavar="DIR", help="profile the timed run (CUDA): trace to DIR, summary printed")
     p.add_argument("overrides", nargs="*", help="key=value, as for python -m magi_infer")
     return p.parse_args(argv)
 
@@ -99,7 +107,8 @@ def bench(args) -> dict:
     dtype = resolve_dtype(cfg, device)
     print(describe_run(cfg, device, dtype), flush=True)
     torch.manual_seed(0)
-    model = build_model(cfg, device, dtype)
+    # --fp8: the bf16 model is built, then quantised to the MAGI-1 fp8 format (no fp8 checkpoint to read)
+    model = build_model(dataclasses.replace(cfg, fp8_quant=False), device, dtype)
     torch.nn.init.normal_(model.final_linear.linear.weight, std=0.02)  # random weights: v is not 0
     result = fp8_error(model, cfg, device) if args.fp8 else {}
     runner = MagiRunner(cfg, model=model)
@@ -115,7 +124,14 @@ def bench(args) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    stats = runner.run("t2v", prompt, str(out_dir / "bench.mp4"), progress=False)
+    prof = None
+    if args.profile:
+        if device.type != "cuda":
+            raise SystemExit("--profile: needs --device cuda (it reads the GPU's kernel timeline)")
+        from torch.profiler import ProfilerActivity, profile
+        prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    with prof if prof is not None else nullcontext():
+        stats = runner.run("t2v", prompt, str(out_dir / "bench.mp4"), progress=False)
     per_chunk = stats["seconds_per_chunk"]
     W = cfg.sampler.window_size
     n = len(per_chunk)
@@ -134,7 +150,120 @@ def bench(args) -> dict:
         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else 0.0,
         "kv_peak_mib": stats["kv_cache"]["peak_bytes"] / 2 ** 20, "per_chunk_s": per_chunk,
     })
+    if prof is not None:
+        trace = Path(args.profile) / "trace.json"
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(trace))
+        result["profile"] = profile_summary(json.loads(trace.read_text())["traceEvents"], W, n)
+        result["trace"] = str(trace)  # chrome://tracing or perfetto open it
     return result
+
+
+# ----------------------------------------------------------------------------- profile summary
+# Kernel kinds by name, first match wins (cuDNN / flash SDPA, the memory-efficient SDPA of the masked
+# cross-attention, cuBLAS / CUTLASS GEMMs, Inductor's fused kernels, ATen copies, the rest).
+KERNEL_KINDS = (
+    ("self-attention (SDPA flash / cuDNN)", ("flash", "cudnn", "sdpa")),
+    ("cross-attention (SDPA memory-efficient)", ("fmha", "mem_eff", "efficient_attention")),
+    ("GEMM (cuBLAS / CUTLASS)", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "scaled_mm")),
+    ("fused fp32 islands, fp8 quantisation (Inductor)", ("triton",)),
+    ("copies (cat, index, repeat, contiguous)", ("copy", "cat", "index", "gather", "repeat", "memcpy", "memset")),
+    ("other (LayerNorm, GELU, elementwise)", ("",)),
+)
+FORWARD = re.compile(r"magi_forward stage=(\d+) sub=(\d+) in=(\d+)")
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next(kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys))
+
+
+def _union(intervals) -> float:
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def profile_summary(events: list[dict], window: int, chunks: int) -> dict:
+    """The steady stages (window full: stages window .. chunks-1) of a chrome trace. A stage's kernels are those
+    its forwards launched (matched by the launch's correlation id); its period runs from its first kernel to the
+    next stage's first kernel. Per stage: period, busy time on the denoising stream, how far the host was ahead
+    of the GPU when the stage's first kernel started, the kernel kinds, and the host's runtime calls that can
+    wait (stream syncs, blocking copies, allocations)."""
+    gpu = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    if not gpu:
+        return {"error": "no GPU kernels in the trace"}
+    stream = collections.Counter(e.get("args", {}).get("stream") for e in gpu).most_common(1)[0][0]
+    cpu_ranges, tid = {}, None
+    for e in events:
+        m = FORWARD.fullmatch(e.get("name", ""))
+        if m and e.get("cat") == "user_annotation":
+            cpu_ranges.setdefault(int(m[1]), []).append((e["ts"], e["ts"] + e["dur"]))
+            tid = e.get("tid")
+    runtime = [e for e in events if e.get("cat") == "cuda_runtime" and e.get("ph") == "X" and e.get("tid") == tid]
+    by_corr = collections.defaultdict(list)
+    for e in gpu:
+        by_corr[e.get("args", {}).get("correlation")].append(e)
+    main = sorted((e for e in gpu if e.get("args", {}).get("stream") == stream), key=lambda e: e["ts"])
+    stages = []
+    for s in sorted(cpu_ranges):
+        rs = cpu_ranges[s]
+        calls = [e for e in runtime if any(a <= e["ts"] < b for a, b in rs)]
+        ks = [k for e in calls for k in by_corr.get(e.get("args", {}).get("correlation"), ())]
+        if ks:
+            stages.append({"stage": s, "cpu": (min(a for a, _ in rs), max(b for _, b in rs)), "calls": calls,
+                           "first": min(k["ts"] for k in ks), "last": max(k["ts"] + k["dur"] for k in ks)})
+    steady = [st for st, nxt in zip(stages, stages[1:]) if window <= st["stage"] < chunks]
+    if not steady:
+        return {"error": "no steady stage in the trace"}
+    rows, kinds, waits, names = [], collections.Counter(), collections.Counter(), collections.Counter()
+    for st, nxt in zip(stages, stages[1:]):
+        if st not in steady:
+            continue
+        lo, hi = st["first"], nxt["first"]
+        ks = [k for k in main if lo <= k["ts"] < hi]
+        for k in ks:
+            kinds[kernel_kind(k["name"])] += k["dur"]
+            names[k["name"][:110]] += k["dur"]
+        for e in st["calls"]:
+            if any(w in e["name"] for w in ("Synchronize", "Memcpy", "HostAlloc", "Malloc", "Free")):
+                waits[e["name"]] += 1
+        rows.append({"stage": st["stage"], "period_ms": (hi - lo) / 1e3,
+                     "busy_ms": _union((k["ts"], k["ts"] + k["dur"]) for k in ks) / 1e3,
+                     "forwards_ms": (st["last"] - lo) / 1e3, "host_lead_ms": (lo - st["cpu"][0]) / 1e3,
+                     "host_ms": (st["cpu"][1] - st["cpu"][0]) / 1e3})
+    total = sum(kinds.values())
+    return {"stages": rows, "kinds_ms_per_stage": {k: v / 1e3 / len(rows) for k, v in kinds.most_common()},
+            "kinds_share": {k: v / total for k, v in kinds.most_common()},
+            "gpu_idle_share": 1 - sum(r["busy_ms"] for r in rows) / sum(r["period_ms"] for r in rows),
+            "host_calls_per_stage": {k: v / len(rows) for k, v in waits.most_common()},
+            "top_kernels_ms_per_stage": {k: v / 1e3 / len(rows) for k, v in names.most_common(15)}}
+
+
+def print_profile(p: dict) -> None:
+    if "error" in p:
+        print(f"profile: {p['error']}")
+        return
+    print("| steady stage (one chunk) | GPU period ms | GPU busy ms | its forwards' kernels ms | "
+          "host ahead of the GPU ms | host time in the forwards ms |")
+    print("|---|---|---|---|---|---|")
+    for st in p["stages"]:
+        print(f"| {st['stage']} | {st['period_ms']:.1f} | {st['busy_ms']:.1f} | {st['forwards_ms']:.1f} | "
+              f"{st['host_lead_ms']:.1f} | {st['host_ms']:.1f} |")
+    print(f"GPU idle inside the steady stages: {100 * p['gpu_idle_share']:.1f} %")
+    print("| kernel kind | ms per steady chunk | share of kernel time |")
+    print("|---|---|---|")
+    for k, ms in p["kinds_ms_per_stage"].items():
+        print(f"| {k} | {ms:.1f} | {100 * p['kinds_share'][k]:.1f} % |")
+    print("| kernel (top 15 by time) | ms per steady chunk |")
+    print("|---|---|")
+    for k, ms in p["top_kernels_ms_per_stage"].items():
+        print(f"| {k.replace('|', '/')} | {ms:.1f} |")
+    calls = ", ".join(f"{k} {v:.1f}" for k, v in p["host_calls_per_stage"].items()) or "none"
+    print(f"host runtime calls that can wait, per steady stage: {calls}")
 
 
 def print_table(r: dict) -> None:
@@ -158,7 +287,10 @@ def print_table(r: dict) -> None:
 
 
 def main(argv=None) -> None:
-    print_table(bench(parse_args(argv)))
+    r = bench(parse_args(argv))
+    print_table(r)
+    if "profile" in r:
+        print_profile(r["profile"])
 
 
 if __name__ == "__main__":

@@ -54,8 +54,20 @@ _EAGER = {"norm": _norm, "norm_rope": _norm_rope, "gated_residual": _gated_resid
 
 @functools.lru_cache(maxsize=None)
 def _compiled(name: str):
-    # dynamic=True: one kernel for every window length (the window grows and drains; shapes repeat in between)
-    return torch.compile(_EAGER[name], dynamic=True)
+    # dynamic=False with the token and batch dims marked dynamic (mark_rows): one kernel for every window length,
+    # with the feature sizes (hidden, heads, head_dim) fixed, so the norm's reduction over them is a
+    # fixed-size, vectorised reduction. Fully dynamic shapes made it a looped one: about a third of the
+    # bandwidth on the 4.5B model (H200, docs/benchmarks.md issue 19).
+    return torch.compile(_EAGER[name], dynamic=False)
+
+
+def mark_rows(*tensors, dims: int = 2) -> None:
+    """Mark the first `dims` dims (tokens, batch) of each tensor dynamic for the compiled islands; a dim of size 1
+    stays specialised (maybe_mark_dynamic does not insist)."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            for d in range(min(dims, t.dim() - 1)):
+                torch._dynamo.maybe_mark_dynamic(t, d)
 
 
 def _fn(name: str):
@@ -66,10 +78,18 @@ def norm_rope(x, weight, bias, eps: float, cos=None, sin=None, out_dtype: torch.
     """fp32 LayerNorm of x's last dim, then RoPE when cos/sin are given (x [S, B, heads, head_dim])."""
     out_dtype = out_dtype or x.dtype
     if cos is None:  # any leading shape: flattened, so one compiled kernel serves every caller
-        return _fn("norm")(x.reshape(-1, x.shape[-1]), weight, bias, eps, out_dtype).reshape(x.shape)
+        rows = x.reshape(-1, x.shape[-1])
+        if _state["compiled"]:
+            mark_rows(rows, dims=1)
+        return _fn("norm")(rows, weight, bias, eps, out_dtype).reshape(x.shape)
+    if _state["compiled"]:
+        mark_rows(x)
+        mark_rows(cos, sin, dims=1)
     return _fn("norm_rope")(x, weight, bias, eps, cos, sin, out_dtype)
 
 
 def gated_residual(x, residual, gate, weight, bias, eps: float) -> torch.Tensor:
     """residual + LayerNorm(gate * x) over the last dim, all three [S, B, D] (gate may be a strided view)."""
+    if _state["compiled"]:
+        mark_rows(x, residual, gate)
     return _fn("gated_residual")(x, residual, gate, weight, bias, eps)
