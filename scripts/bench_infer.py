@@ -9,17 +9,18 @@ thread, streamed mp4), random weights: first-chunk latency and the steady rate w
 Steady state: a chunk leaves the window every num_steps / window_size forwards; the chunks finished while the
 window is full (chunks 1 .. n - window_size) each take one such stage, the first also waits for the window to
 fill (and, cold, for torch.compile: a warm-up run first takes that out). A chunk counts as done when its decoded
-pixels are on the host. Left out: the real T5 (the hash encoder stands in: text is encoded once per prompt) and
+pixels are in the mp4. Left out: the real T5 (the hash encoder stands in: text is encoded once per prompt) and
 the MAGI-1 VAE (an untrained small VAE decodes, overlapped with denoising either way). Random weights include the
 final projection (zero at init), so the velocities are not 0. --fp8 quantises the blocks to the MAGI-1 fp8 format
 (quantize_to_magi_fp8, weights-only scales) and first compares one window forward with bf16. --profile DIR runs
 the timed run under torch.profiler and prints where the steady state's GPU time goes (kernel kinds, idle time,
-host waits); its timings include the profiler's overhead, so take speed figures from a run without it."""
+host waits). The profiler adds host time per launch: its timings hold while the summary shows the host ahead of
+the GPU in every stage."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import collections
+import dataclasses
 import json
 import re
 import statistics

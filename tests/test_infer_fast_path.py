@@ -188,3 +188,43 @@ def test_cross_attention_sees_only_the_caption_keys_any_pass_uses():
 def test_new_keys_reject_bad_values_in_one_line(override, message):
     with pytest.raises(ConfigError, match=message):
         load_infer_config("configs/infer/4.5B_distill.json", [override])
+
+
+def test_compiled_islands_serve_every_window_length_with_one_kernel():
+    """The fp32 islands compile once per feature width, not once per number of tokens (the window grows, drains
+    and re-runs chunks alone): the token dim is dynamic, the normalised width fixed."""
+    from torch._dynamo.utils import counters
+
+    g = torch.Generator().manual_seed(4)
+    w, b = torch.randn(32, generator=g), torch.randn(32, generator=g)
+    try:
+        fused_ops.use_compiled(True)
+        before = counters["stats"]["unique_graphs"]
+        for tokens in (12, 20, 36):
+            x, res = (torch.randn(tokens, 1, 32, generator=g) for _ in range(2))
+            gate = torch.randn(1, tokens, 64, generator=g).transpose(0, 1)[..., :32]  # the block's strided view
+            torch.testing.assert_close(fused_ops.gated_residual(x, res, gate, w, b, 1e-6),
+                                       fused_ops._gated_residual(x, res, gate, w, b, 1e-6), rtol=1e-5, atol=1e-5)
+        assert counters["stats"]["unique_graphs"] - before == 1
+    finally:
+        fused_ops.use_compiled(False)
+
+
+def test_fp8_q_qx_k_v_share_one_input_quantisation_only_when_their_scales_agree():
+    """Fp8Linear.fused_forward quantises the input once for all four projections only if each would divide it by
+    the same scales (weights-only scales: always); a calibrated checkpoint with other scales runs them apart."""
+    from magi_train.precision.magi_fp8 import Fp8Linear
+
+    g = torch.Generator().manual_seed(5)
+    layers = []
+    for out in (16, 16, 8, 8):
+        m = Fp8Linear(32, out, "per_tensor")
+        m.load_state_dict(quantize_weight(torch.randn(out, 32, generator=g), "per_tensor"))
+        layers.append(m)
+    assert Fp8Linear._share_input_rule(layers)
+    with torch.no_grad():
+        layers[2].input_scale.mul_(2.0)  # as a reload of calibrated scales would: re-checked, not cached
+    assert not Fp8Linear._share_input_rule(layers)
+    x = torch.randn(5, 32, generator=g)
+    for got, m in zip(Fp8Linear.fused_forward(x, layers), layers):  # on the CPU: each linear on its own
+        torch.testing.assert_close(got, m(x))

@@ -71,3 +71,19 @@ def test_runner_streams_while_generating(tmp_path):
     counts = [c for _, c in seen]
     assert counts == sorted(counts) and counts[0] >= 7 and counts[-1] >= 23
     assert count_frames(path) == 24 and stats["frames"] == 24 and len(stats["seconds_per_chunk"]) == 3
+
+
+def test_runner_writes_the_mp4_off_the_thread_that_runs_the_denoising_loop(tmp_path, monkeypatch):
+    """The thread that queues the GPU's work does nothing else: the mp4 is encoded on the decode thread."""
+    import threading
+
+    writers = []
+    real_write = StreamingVideoWriter.write
+    monkeypatch.setattr(StreamingVideoWriter, "write",
+                        lambda self, frames: (writers.append(threading.current_thread().name), real_write(self, frames)))
+    cfg = load_infer_config("configs/infer/tiny.yaml", ["video_size_h=32", "video_size_w=32", "num_frames=16",
+                                                        "num_steps=2", "window_size=1", "noise2clean_kvrange=[]"])
+    stats = MagiRunner(cfg).run("t2v", ["a red ball"], str(tmp_path / "out.mp4"), progress=False)
+    assert len(writers) == stats["chunks"] == 2
+    assert threading.current_thread().name not in writers and set(writers) == {"magi-decode"}
+    assert count_frames(tmp_path / "out.mp4") == 16
