@@ -228,3 +228,8 @@ def test_fp8_q_qx_k_v_share_one_input_quantisation_only_when_their_scales_agree(
     x = torch.randn(5, 32, generator=g)
     for got, m in zip(Fp8Linear.fused_forward(x, layers), layers):  # on the CPU: each linear on its own
         torch.testing.assert_close(got, m(x))
+    # checked once per set of scales (the check waits for the GPU): a second call reuses it, per-channel too
+    pc = [Fp8Linear(32, 8, "per_channel") for _ in range(2)]
+    assert Fp8Linear._share_input_rule(pc)
+    key = pc[0]._shared_rule[0]
+    assert Fp8Linear._share_input_rule(pc) and pc[0]._shared_rule[0] == key

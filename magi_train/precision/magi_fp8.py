@@ -33,7 +33,8 @@ def _to_e4m3(x: torch.Tensor, divisor: torch.Tensor) -> torch.Tensor:
 @functools.lru_cache(maxsize=1)
 def _fused_to_e4m3():
     # the rows are marked dynamic (quantize_input): one kernel for every number of tokens, the input width fixed
-    # (its per-channel divisor is then read with a constant stride; fully dynamic shapes ran at ~1.2 TB/s)
+    # (with every dim dynamic, fc2's input quantisation ran at about 1.2 TB/s on an H200; the fixed-width kernel
+    # was timed only end to end, docs/benchmarks.md issue 19)
     return torch.compile(_to_e4m3, dynamic=False)
 
 
@@ -91,8 +92,8 @@ class Fp8Linear(nn.Module):
         """True when every linear divides the input by the same scales (checked on the device once per set of
         scale tensors and their versions, so a reload re-checks; the check waits for the GPU that one time)."""
         first = linears[0]
-        key = tuple((id(m.input_scale), m.input_scale._version, id(m._divisor()), m._divisor()._version)
-                    for m in linears)
+        scales = [(m.input_scale, getattr(m, "smooth_scale", m.input_scale)) for m in linears]  # parameters, not views
+        key = tuple((id(a), a._version, id(b), b._version) for a, b in scales)
         cached = getattr(first, "_shared_rule", None)
         if cached is None or cached[0] != key:
             same = all(m.kind == first.kind and m.in_features == first.in_features
