@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from magi_train.config import ConfigError, model_preset
 from magi_train.config.parallel_config import ParallelConfig
-from magi_train.config.train_config import RECOMPUTE_KEEP, RECOMPUTE_MODES, TrainConfig
+from magi_train.config.train_config import DEFAULT_RECOMPUTE_KEEP, RECOMPUTE_KEEP, RECOMPUTE_MODES
 from magi_train.parallel.memory_estimate import GiB, StepShape, estimate
 
 VAE_SPATIAL, VAE_TEMPORAL = 8, 4
@@ -88,8 +88,7 @@ def build_plan_inputs(argv: list[str]):
     every = train.get("recompute_every", 1)
     if not isinstance(every, int) or isinstance(every, bool) or every < 1:
         raise ConfigError(f"train.recompute_every: must be an integer >= 1, got {every!r}")
-    keep = train.get("recompute_keep", next(f for f in fields(TrainConfig) if f.name == "recompute_keep")
-                     .default_factory())
+    keep = train.get("recompute_keep", list(DEFAULT_RECOMPUTE_KEEP))
     if not isinstance(keep, (list, tuple)) or any(k not in RECOMPUTE_KEEP for k in keep):
         raise ConfigError(f"train.recompute_keep: got {keep!r}, accepted: a list of {', '.join(RECOMPUTE_KEEP)}")
     return cfg, pcfg, world, shape, precision, (recompute, every, tuple(keep)), float(tree.get("gpu_memory_gib", 80)), \

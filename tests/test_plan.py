@@ -94,13 +94,15 @@ def test_estimate_within_15_percent_of_measured_peak_gpu(recompute):
 
 
 def test_selective_keep_adds_the_kept_gemm_outputs():
-    """train.recompute_keep: the estimate adds each kept linear's output a recomputed block, and matches a CPU step."""
+    """train.recompute_keep: the estimate adds each kept linear's output per recomputed block; within 15 % of a CPU
+    step."""
     cfg = model_preset("4.5B")
     shape = StepShape(24, 60, 104, caption_len=64)
-    base = estimate(cfg, ParallelConfig(), 1, shape)
-    kept = estimate(cfg, ParallelConfig(), 1, shape, recompute_keep=("qkv", "proj", "fc2"))
+    base = estimate(cfg, ParallelConfig(), 1, shape, recompute_keep=())
+    kept = estimate(cfg, ParallelConfig(), 1, shape)                    # the default: qkv, proj, fc2
     per_block = 37440 * (2 * cfg.q_dim + 2 * cfg.kv_dim + 2 * cfg.hidden_size) * 2     # bf16 GEMM outputs
-    assert kept.activations_selective - base.activations_selective == pytest.approx(cfg.num_layers * per_block)
+    # every block holds them, but the one running its recompute reuses its own (counted in its whole forward)
+    assert kept.activations_selective - base.activations_selective == pytest.approx((cfg.num_layers - 1) * per_block)
     assert (kept.activations, kept.activations_ckpt) == (base.activations, base.activations_ckpt)
     small = StepShape(4, 16, 16, batch_size=2, microbatches=1, caption_len=16)
     keep = ("qkv", "proj", "fc2")

@@ -17,6 +17,9 @@ DEVICES = ("auto", "cpu", "cuda")
 WANDB_MODES = ("offline", "online", "disabled")
 RECOMPUTE_MODES = ("none", "full", "selective")
 RECOMPUTE_KEEP = ("qkv", "proj", "fc1", "fc2")   # the block linears whose GEMM output selective recompute can keep
+# what selective keeps by default: the most FLOPs per byte that fit the 4.5B at 37,440 tokens on one 141 GB GPU
+# (118 GiB measured; fc1 too would need about 147; docs/benchmarks.md)
+DEFAULT_RECOMPUTE_KEEP = ("qkv", "proj", "fc2")
 FP8_MODES = ("none", "torchao", "te")
 # train.fp8_recipe by train.fp8; "auto" takes the first: torchao tensorwise, TE delayed scaling
 FP8_RECIPES = {"none": ("auto",), "torchao": ("auto", "tensorwise", "rowwise"),
@@ -205,7 +208,7 @@ class TrainConfig:
                                           # of the cost at long sequences, where attention is half the FLOPs)
     recompute_every: int = 1              # recompute every k-th block (0, k, 2k, ... of each stage); the others
                                           # keep all their activations
-    recompute_keep: list[str] = field(default_factory=lambda: ["qkv", "proj", "fc2"])  # selective: the linears
+    recompute_keep: list[str] = field(default_factory=lambda: list(DEFAULT_RECOMPUTE_KEEP))  # selective: linears
                                           # whose GEMM output is kept, not run again (qkv = q/qx/k/v, proj, fc1,
                                           # fc2); each costs its output's memory a block (magi_train.plan)
     compile: bool = False                 # torch.compile each transformer block (recompute inside the graph)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from magi_train.config import ModelConfig
 from magi_train.config.parallel_config import ParallelConfig
+from magi_train.config.train_config import DEFAULT_RECOMPUTE_KEEP
 
 # Bytes kept per token by one layer, by local width (per element of D, Q, ... ) for fp32 runs and for bf16
 # weights under bf16 autocast. Q/K: local query / KV width (heads x head_dim); kv_expanded: 2K (the attention's
@@ -160,7 +161,7 @@ def _per_token_layer(cfg: ModelConfig, tp: int, precision: str) -> tuple[float, 
 def estimate(cfg: ModelConfig, pcfg: ParallelConfig, world_size: int, shape: StepShape, *,
              precision: str = "bf16", optimizer: str = "adamw", optimizer_foreach: bool | None = None,
              frozen_copies: int = 0, sample_flops: float | None = None, recompute_every: int = 1,
-             recompute_keep: tuple = ()) -> MemoryEstimate:
+             recompute_keep: tuple = DEFAULT_RECOMPUTE_KEEP) -> MemoryEstimate:
     """precision: 'bf16' (bf16 autocast; weights in model.params_dtype) or 'fp32'. frozen_copies: frozen models
     placed like the trained one (a distillation teacher, an EMA target), counted as weights; sample_flops: FLOPs
     of one sample's step when the objective runs more than one forward and backward (distillation).
@@ -237,7 +238,9 @@ def estimate(cfg: ModelConfig, pcfg: ParallelConfig, world_size: int, shape: Ste
 
     def activations_with(stored_recomputed: float) -> float:
         a = chunks * ((held - recomputed) * per_layer + recomputed * stored_recomputed)
-        return a + per_layer_bwd + (per_layer if stored_recomputed < per_layer else 0) + chunks * (outside_act + caption)
+        # the block running its recompute holds its whole forward again, its stored tensors included (reused)
+        again = per_layer - stored_recomputed if stored_recomputed < per_layer else 0
+        return a + per_layer_bwd + again + chunks * (outside_act + caption)
 
     act = activations_with(per_layer)
     act_ckpt = activations_with(layer_input)
@@ -288,7 +291,8 @@ def recompute_flops(cfg: ModelConfig, latent_frames: int, latent_h: int, latent_
 
 
 def measure_peak(cfg: ModelConfig, shape: StepShape, *, precision: str = "fp32", steps: int = 2,
-                 recompute: str = "none", recompute_keep: tuple = (), device: str = "cpu", seed: int = 0) -> float:
+                 recompute: str = "none", recompute_keep: tuple = DEFAULT_RECOMPUTE_KEEP, device: str = "cpu",
+                 seed: int = 0) -> float:
     """Peak bytes of live tensors over the last of `steps` single-process training steps (AdamW, foreach on CPU,
     fused on GPU). CPU: counted at the dispatcher (LiveBytes); CUDA: torch.cuda.max_memory_allocated."""
     import contextlib

@@ -24,6 +24,8 @@ from functools import partial
 import torch
 from torch import nn
 
+from magi_train.config.train_config import DEFAULT_RECOMPUTE_KEEP
+
 # the attention kernels SDPA dispatches to (cuDNN, flash, memory-efficient, CPU flash); what selective keeps
 _ATTENTION_OPS = ("_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention",
                   "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu",
@@ -42,7 +44,7 @@ _GEMM_WEIGHT_ARG = {"mm": 1, "addmm": 2, "_scaled_mm": 1}
 class RecomputePolicy:
     mode: str = "none"        # none | full | selective (train.recompute)
     every: int = 1            # recompute blocks 0, k, 2k, ... of each shell (train.recompute_every)
-    keep: tuple = ()          # selective: linears whose GEMM output is kept (train.recompute_keep)
+    keep: tuple = DEFAULT_RECOMPUTE_KEEP   # selective: linears whose GEMM output is kept (train.recompute_keep)
 
     def __post_init__(self):
         bad = [k for k in self.keep if k not in KEEP_LINEARS]
