@@ -7,7 +7,7 @@ Keys: model=<preset> and model.<field>; parallel.<field>; data.resolution=[H,W] 
 pixels and frames; the MAGI-1 VAE makes them 8x / 4x smaller) or data.latent_frames/latent_height/latent_width;
 data.batch_size (per rank and microbatch); data.text_length (caption tokens, default model.caption_max_length);
 train.grad_accum_steps (microbatches when pp=1); train.precision (bf16 | fp32); train.recompute (none | full |
-selective) and train.recompute_every; world_size (or nodes x gpus_per_node; default tp*cp*pp*dp); gpu_memory_gib (default 80).
+selective), train.recompute_every and train.recompute_keep; world_size (or nodes x gpus_per_node; default tp*cp*pp*dp); gpu_memory_gib (default 80).
 Distillation: train.objective=shortcut_distill counts the frozen teacher (and distill.target_model=ema's copy)
 beside the student and the teacher's guidance passes (distill.cfg_number) and the target's two half steps."""
 from __future__ import annotations
@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from magi_train.config import ConfigError, model_preset
 from magi_train.config.parallel_config import ParallelConfig
-from magi_train.config.train_config import RECOMPUTE_MODES
+from magi_train.config.train_config import DEFAULT_RECOMPUTE_KEEP, RECOMPUTE_KEEP, RECOMPUTE_MODES
 from magi_train.parallel.memory_estimate import GiB, StepShape, estimate
 
 VAE_SPATIAL, VAE_TEMPORAL = 8, 4
@@ -88,7 +88,10 @@ def build_plan_inputs(argv: list[str]):
     every = train.get("recompute_every", 1)
     if not isinstance(every, int) or isinstance(every, bool) or every < 1:
         raise ConfigError(f"train.recompute_every: must be an integer >= 1, got {every!r}")
-    return cfg, pcfg, world, shape, precision, (recompute, every), float(tree.get("gpu_memory_gib", 80)), \
+    keep = train.get("recompute_keep", list(DEFAULT_RECOMPUTE_KEEP))
+    if not isinstance(keep, (list, tuple)) or any(k not in RECOMPUTE_KEEP for k in keep):
+        raise ConfigError(f"train.recompute_keep: got {keep!r}, accepted: a list of {', '.join(RECOMPUTE_KEEP)}")
+    return cfg, pcfg, world, shape, precision, (recompute, every, tuple(keep)), float(tree.get("gpu_memory_gib", 80)), \
         _objective_cost(train, tree.get("distill", {}) or {}, cfg, shape)
 
 
@@ -118,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0
     try:
-        cfg, pcfg, world, shape, precision, (recompute, every), gpu_gib, cost = build_plan_inputs(argv)
-        est = estimate(cfg, pcfg, world, shape, precision=precision, recompute_every=every, **cost)
+        cfg, pcfg, world, shape, precision, (recompute, every, keep), gpu_gib, cost = build_plan_inputs(argv)
+        est = estimate(cfg, pcfg, world, shape, precision=precision, recompute_every=every, recompute_keep=keep,
+                       **cost)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -136,10 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     sample = est.flops_per_step / (shape.batch_size * shape.microbatches * est.dp)
     for m in RECOMPUTE_MODES:
         extra = recompute_flops(cfg, shape.latent_frames, shape.latent_height, shape.latent_width, shape.caption_len,
-                                RecomputePolicy(m, every), pcfg.pp)
+                                RecomputePolicy(m, every, keep), pcfg.pp)
         print(f"recompute {m:9s}: peak {est.peak_for(m) / GiB:8.1f} GiB per GPU "
               f"({'fits' if fits[m] else 'does NOT fit'} in {gpu_gib:.0f} GiB), "
-              f"+{100 * extra / sample:.0f} % FLOPs run again")
+              f"+{100 * extra / sample:.0f} % FLOPs run again" +
+              (f", keeps the {'/'.join(keep)} GEMM outputs" if m == "selective" and keep else ""))
     verdict = "fits" if fits[recompute] else "does NOT fit"
     print(f"train.recompute={recompute}" + (f" (every {every})" if every > 1 else "") +
           f": {est.peak_for(recompute) / GiB:.1f} GiB per GPU -> {verdict} in {gpu_gib:.0f} GiB")

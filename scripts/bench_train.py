@@ -7,8 +7,9 @@ run, read from the run's metrics.jsonl after warm-up.
   python scripts/bench_train.py --set model.num_layers=12 --steps 8 --warmup 3
   python scripts/bench_train.py --nproc 4 --set parallel.dp=4 parallel.dp_mode=fsdp     # under torchrun
 
-A run is a comma list of short keys (fp8, fp8_recipe, recompute, recompute_every, compile, precision: the train.*
-keys of the same name) or full overrides (key.sub=value). Columns: model TFLOP/s counts 3 x forward FLOPs
+A run is a comma list of short keys (fp8, fp8_recipe, recompute, recompute_every, recompute_keep, compile, precision:
+the train.* keys of the same name; recompute_keep's names joined by '+', e.g. recompute_keep=proj+fc2, or 'none')
+or full overrides (key.sub=value). Columns: model TFLOP/s counts 3 x forward FLOPs
 (magi_train.training.flops; recompute excluded, as MFU usually is); 'with recompute' adds the FLOPs the recompute
 policy runs again (full: the blocks' forward; selective: their linear layers), i.e. what the GPU executed. MFU is
 against the bf16 dense peak of the device (989 TFLOP/s on H100/H200) also for fp8 runs. Peak memory is
@@ -31,7 +32,8 @@ BASE = ["experiment=smoke", "model=4.5B", "model.attention_backend=sdpa_chunked"
         "train.ema.enabled=false", "train.precision=bf16", "train.checkpoint.every_steps=0",
         "train.checkpoint.save_at_end=false", "train.checkpoint.export_at_end=false", "train.validation.every_steps=0",
         "train.progress_bar=false", "train.log_every=1", "train.wandb.mode=disabled"]
-SHORT = ("fp8", "fp8_recipe", "fp8_all_gather", "recompute", "recompute_every", "compile", "precision")
+SHORT = ("fp8", "fp8_recipe", "fp8_all_gather", "recompute", "recompute_every", "recompute_keep", "compile",
+         "precision")
 DEFAULT_RUNS = ["recompute=full", "recompute=selective,compile=true",
                 "fp8=torchao,recompute=selective,compile=true"]
 
@@ -40,6 +42,8 @@ def overrides_of(run: str) -> list[str]:
     out = []
     for item in filter(None, run.split(",")):
         key, _, value = item.partition("=")
+        if key == "recompute_keep":
+            value = "[" + ",".join(v for v in value.split("+") if v != "none") + "]"
         out.append(f"train.{key}={value}" if key in SHORT else item)
     return out
 
@@ -83,7 +87,7 @@ def summarise(run_dir: Path, warmup: int, nproc: int = 1) -> dict:
     model_tflops = statistics.median(r["tflops_per_device"] for r in steady)
     sample = train_flops(m, d.latent_frames, d.latent_height, d.latent_width, d.text_length)
     extra = recompute_flops(m, d.latent_frames, d.latent_height, d.latent_width, d.text_length,
-                            RecomputePolicy(t.recompute, t.recompute_every), cfg.parallel.pp)
+                            RecomputePolicy(t.recompute, t.recompute_every, tuple(t.recompute_keep)), cfg.parallel.pp)
     hw_tflops = model_tflops * (sample + extra) / sample
     mfu = [r["mfu"] for r in steady if r.get("mfu") is not None]
     peak = statistics.median(mfu) / model_tflops if mfu else None   # 1 / peak TFLOP/s
@@ -95,7 +99,8 @@ def summarise(run_dir: Path, warmup: int, nproc: int = 1) -> dict:
     fp8 = Fp8Settings(t.fp8, t.fp8_recipe, t.fp8_all_gather)
     return {"layout": layout, "layers": m.num_layers, "precision": t.precision + ("" if t.fp8 == "none" else
             f"+{t.fp8} {fp8.resolved_recipe}"), "recompute": t.recompute + (f"/{t.recompute_every}" if
-            t.recompute_every > 1 else ""), "compile": t.compile, "steps": len(steady), "step_s": step_s,
+            t.recompute_every > 1 else "") + (f" keep {'+'.join(t.recompute_keep) or 'none'}" if
+            t.recompute == "selective" else ""), "compile": t.compile, "steps": len(steady), "step_s": step_s,
             "tokens_s": statistics.median(r["tokens_per_s"] for r in steady), "tflops": model_tflops,
             "tflops_hw": hw_tflops, "mfu": model_tflops * peak if peak else None,
             "mfu_hw": hw_tflops * peak if peak else None,

@@ -28,6 +28,19 @@ def test_backend_equals_reference_cpu(backend, lookback):
     assert (out - ref).abs().max() < 1e-5
 
 
+def test_sdpa_chunked_grouped_heads_forward_and_backward_equal_reference():
+    """sdpa_chunked serves grouped KV heads without repeating K/V; values and gradients are the reference's."""
+    q, k, v = (t.requires_grad_(True) for t in _qkv(Hq=6, Hkv=2, n=3, n_cached=1))
+    layout = ChunkLayout.causal(3, 5, first_chunk=1, cached_chunks=(0,), lookback=2)
+    w = torch.randn(q.shape)
+    grads = []
+    for backend in ("reference", "sdpa_chunked"):
+        out = chunk_causal_attention(q, k, v, layout, backend)
+        grads.append([out, *torch.autograd.grad((out * w).sum(), (q, k, v))])
+    for ref, got in zip(*grads):
+        assert (got - ref).abs().max() < 1e-5
+
+
 def test_reference_mask_is_chunk_causal():
     layout = ChunkLayout.causal(3, 2, lookback=2)
     m = layout.chunk_mask()

@@ -48,7 +48,8 @@ def test_compiled_blocks_trace_one_graph_with_their_recompute(mode):
     eager = randomize_(build_dit(CFG), std=0.05)
     compiled = build_dit(CFG)
     compiled.load_state_dict(eager.state_dict())
-    apply_transforms(compiled, ModelTransforms(recompute=RecomputePolicy(mode)))
+    keep = ("qkv", "proj", "fc2") if mode == "selective" else ()
+    apply_transforms(compiled, ModelTransforms(recompute=RecomputePolicy(mode, keep=keep)))
     compile_blocks(compiled, backend=counting)
     # a [B, L] caption mask, expanded over the chunks, then a step with captions dropped (a new mask tensor)
     inputs = (*_inputs(CFG), torch.ones(1, 8, dtype=torch.bool))
@@ -62,6 +63,37 @@ def test_compiled_blocks_trace_one_graph_with_their_recompute(mode):
     assert set(got) == set(want)
     for n in want:
         assert torch.allclose(got[n], want[n], rtol=1e-4, atol=1e-6), n
+
+
+@pytest.mark.parametrize("keep", [(), ("proj", "fc2"), ("qkv", "proj", "fc1", "fc2")])
+def test_selective_recompute_skips_the_kept_gemms(keep):
+    """Selective recompute runs again in backward exactly the GEMMs of the linears it does not keep (the q/qx/k/v
+    projection is one GEMM), and the gradients are those without recompute."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from magi_train.parallel.recompute import gemm_ops
+
+    class Gemms(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func in gemm_ops()
+            return func(*args, **(kwargs or {}))
+
+    def backward_gemms(policy):
+        model = randomize_(build_dit(CFG), std=0.05)
+        apply_transforms(model, ModelTransforms(recompute=policy))
+        out = model(*_inputs(CFG, chunks=2)).square().mean()
+        with Gemms() as seen:
+            out.backward()
+        return seen.count, {n: p.grad for n, p in model.named_parameters()}
+
+    plain, want = backward_gemms(RecomputePolicy("none"))
+    rerun, got = backward_gemms(RecomputePolicy("selective", keep=keep))
+    # per block: the fused q/qx/k/v, caption K/V, proj, fc1, fc2 and the gating linear
+    assert rerun - plain == CFG.num_layers * (6 - len(keep))
+    for n in want:
+        assert torch.allclose(got[n], want[n], rtol=1e-5, atol=1e-6), n
 
 
 def test_chunk_layout_slices_fold_into_the_graph():
@@ -119,7 +151,13 @@ def test_recompute_and_fp8_keys_are_checked():
         TrainConfig(fp8="torchao", fp8_recipe="rowwise", fp8_all_gather=True)
     t = model_transforms(TrainConfig(recompute="selective", recompute_every=2, compile=True, fp8="te",
                                      fp8_recipe="block"))
-    assert t.recompute == RecomputePolicy("selective", 2) and t.compile
+    assert t.recompute == RecomputePolicy("selective", 2, ("qkv", "proj", "fc2")) and t.compile
+    from magi_train.config.train_config import RECOMPUTE_KEEP
+    from magi_train.parallel.recompute import KEEP_LINEARS
+
+    assert tuple(KEEP_LINEARS) == RECOMPUTE_KEEP
+    with pytest.raises(ConfigError, match="train.recompute_keep: got 'fc3'"):
+        TrainConfig(recompute="selective", recompute_keep=["proj", "fc3"])
     assert (t.fp8.mode, t.fp8.resolved_recipe) == ("te", "block")
     assert model_transforms(TrainConfig(fp8="torchao")).fp8.resolved_recipe == "tensorwise"
 

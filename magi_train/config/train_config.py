@@ -16,6 +16,10 @@ PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 WANDB_MODES = ("offline", "online", "disabled")
 RECOMPUTE_MODES = ("none", "full", "selective")
+RECOMPUTE_KEEP = ("qkv", "proj", "fc1", "fc2")   # the block linears whose GEMM output selective recompute can keep
+# what selective keeps by default: the most FLOPs per byte that fit the 4.5B at 37,440 tokens on one 141 GB GPU
+# (118 GiB measured; fc1 too would need about 147; docs/benchmarks.md)
+DEFAULT_RECOMPUTE_KEEP = ("qkv", "proj", "fc2")
 FP8_MODES = ("none", "torchao", "te")
 # train.fp8_recipe by train.fp8; "auto" takes the first: torchao tensorwise, TE delayed scaling
 FP8_RECIPES = {"none": ("auto",), "torchao": ("auto", "tensorwise", "rowwise"),
@@ -204,6 +208,9 @@ class TrainConfig:
                                           # of the cost at long sequences, where attention is half the FLOPs)
     recompute_every: int = 1              # recompute every k-th block (0, k, 2k, ... of each stage); the others
                                           # keep all their activations
+    recompute_keep: list[str] = field(default_factory=lambda: list(DEFAULT_RECOMPUTE_KEEP))  # selective: linears
+                                          # whose GEMM output is kept, not run again (qkv = q/qx/k/v, proj, fc1,
+                                          # fc2); each costs its output's memory a block (magi_train.plan)
     compile: bool = False                 # torch.compile each transformer block (recompute inside the graph)
     fp8: str = "none"                     # fp8 GEMMs in the block linears: none | torchao (torchao.float8) | te
                                           # (Transformer Engine linears, model.layer_spec te or auto)
@@ -241,6 +248,10 @@ class TrainConfig:
         check_choice(self.precision, f"{p}.precision", PRECISIONS)
         check_choice(self.recompute, f"{p}.recompute", RECOMPUTE_MODES)
         _int(self.recompute_every, f"{p}.recompute_every")
+        check(isinstance(self.recompute_keep, (list, tuple)), f"{p}.recompute_keep",
+              f"must be a list of {', '.join(RECOMPUTE_KEEP)}, got {self.recompute_keep!r}")
+        for name in self.recompute_keep:
+            check_choice(name, f"{p}.recompute_keep", RECOMPUTE_KEEP)
         check_choice(self.fp8, f"{p}.fp8", FP8_MODES)
         check(self.fp8 != "none" or self.fp8_recipe == "auto", f"{p}.fp8_recipe",
               f"{self.fp8_recipe!r} is a recipe of train.fp8 torchao (tensorwise, rowwise) or te (delayed, current, "

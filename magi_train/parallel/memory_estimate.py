@@ -13,14 +13,19 @@ from dataclasses import dataclass, field
 
 from magi_train.config import ModelConfig
 from magi_train.config.parallel_config import ParallelConfig
+from magi_train.config.train_config import DEFAULT_RECOMPUTE_KEEP
 
 # Bytes kept per token by one layer, by local width (per element of D, Q, ... ) for fp32 runs and for bf16
-# weights under bf16 autocast. Q/K: local query / KV width (heads x head_dim); kv_expanded: 2Q when the core
-# repeats KV heads for GQA, else 2K; F: local ffn width; H: local heads.
+# weights under bf16 autocast. Q/K: local query / KV width (heads x head_dim); kv_expanded: 2K (the attention's
+# own K/V); q_folded: Q, replacing it under GQA, where sdpa_chunked folds the query heads of a KV group into its
+# sequence (a copy of q; refitted on CPU after the fold, bf16's scaled by the fp32 : bf16 ratio of kv_expanded);
+# F: local ffn width; H: local heads.
 STORED = {
     # fp32 refitted (4 CPU layers, LiveBytes) after the fused q/qx/k/v GEMM met the fused fp32 islands in block.py
-    "fp32": dict(D=49.71, Q=14.99, kv_expanded=18.44, K=9.40, F_gated=18.25, F_gelu=8.79, H=0.29, const=-1265.5),
-    "bf16": dict(D=30.67, Q=5.88, kv_expanded=11.76, K=8.92, F_gated=8.42, F_gelu=4.39, H=0.18, const=-265.6),
+    "fp32": dict(D=49.71, Q=14.99, kv_expanded=18.44, q_folded=33.0, K=9.40, F_gated=18.25, F_gelu=8.79, H=0.29,
+                 const=-1265.5),
+    "bf16": dict(D=30.67, Q=5.88, kv_expanded=11.76, q_folded=21.0, K=8.92, F_gated=8.42, F_gelu=4.39, H=0.18,
+                 const=-265.6),
 }
 # extra bytes per token while one layer runs its backward: the larger of a residual-width and an ffn-width term
 BACKWARD = {"fp32": dict(D=8.0, F_gated=7.25, F_gelu=4.3), "bf16": dict(D=14.0, F_gated=3.6, F_gelu=3.5)}
@@ -56,7 +61,7 @@ class MemoryEstimate:
     optimizer: float
     activations: float                  # train.recompute=none (largest stage, microbatches in flight)
     activations_ckpt: float             # train.recompute=full (the blocks of recompute_every)
-    activations_selective: float        # train.recompute=selective: block inputs and attention outputs kept
+    activations_selective: float        # train.recompute=selective: block inputs, attention and kept GEMM outputs
     fsdp_buffers: float                 # unsharded layer(s) FSDP gathers around the running one
     peak: float
     peak_ckpt: float
@@ -145,9 +150,9 @@ def _per_token_layer(cfg: ModelConfig, tp: int, precision: str) -> tuple[float, 
     hq = cfg.num_attention_heads // tp
     hkv = max(1, cfg.num_query_groups // tp)
     Q, K, F, D = hq * hd, hkv * hd, cfg.ffn_hidden_size // tp, cfg.hidden_size
-    kv_exp = 2 * Q if hq // hkv > 1 else 2 * K
+    attn_copy = c["q_folded"] * Q if hq // hkv > 1 else c["kv_expanded"] * 2 * K
     f_term = c["F_gated"] * F if cfg.gated_linear_unit else c["F_gelu"] * F
-    rest = c["Q"] * Q + c["kv_expanded"] * kv_exp + c["K"] * K + f_term + c["H"] * hq + c["const"]
+    rest = c["Q"] * Q + attn_copy + c["K"] * K + f_term + c["H"] * hq + c["const"]
     b = BACKWARD[precision]
     bwd = max(b["D"] * D, (b["F_gated"] if cfg.gated_linear_unit else b["F_gelu"]) * F)
     return c["D"] * D, rest, bwd
@@ -155,12 +160,13 @@ def _per_token_layer(cfg: ModelConfig, tp: int, precision: str) -> tuple[float, 
 
 def estimate(cfg: ModelConfig, pcfg: ParallelConfig, world_size: int, shape: StepShape, *,
              precision: str = "bf16", optimizer: str = "adamw", optimizer_foreach: bool | None = None,
-             frozen_copies: int = 0, sample_flops: float | None = None, recompute_every: int = 1) -> MemoryEstimate:
+             frozen_copies: int = 0, sample_flops: float | None = None, recompute_every: int = 1,
+             recompute_keep: tuple = DEFAULT_RECOMPUTE_KEEP) -> MemoryEstimate:
     """precision: 'bf16' (bf16 autocast; weights in model.params_dtype) or 'fp32'. frozen_copies: frozen models
     placed like the trained one (a distillation teacher, an EMA target), counted as weights; sample_flops: FLOPs
     of one sample's step when the objective runs more than one forward and backward (distillation).
     recompute_every: every k-th block of a stage is recomputed (train.recompute_every), the others keep all their
-    activations."""
+    activations; recompute_keep: the linears whose GEMM output selective keeps (train.recompute_keep)."""
     dp = pcfg.validate_world(world_size)
     pcfg.validate_model(cfg)
     tp, cp, pp = pcfg.tp, pcfg.cp, pcfg.pp
@@ -223,10 +229,18 @@ def estimate(cfg: ModelConfig, pcfg: ParallelConfig, world_size: int, shape: Ste
     # output and the fp32 logsumexp per query head)
     hq = cfg.num_attention_heads // tp
     attn_kept = B * s_att * 2 * (hq * cfg.kv_channels * abytes + hq * 4)
+    # and the outputs of the kept linears' GEMMs (autocast dtype): column-parallel ones over the attention's
+    # tokens, the row-parallel proj and fc2 over the residual stream's
+    ffn_out = cfg.ffn_hidden_size * (2 if cfg.gated_linear_unit else 1)
+    widths = {"qkv": (s_att, (2 * cfg.q_dim + 2 * cfg.kv_dim) // tp), "fc1": (s_att, ffn_out // tp),
+              "proj": (s_res, cfg.hidden_size), "fc2": (s_res, cfg.hidden_size)}
+    attn_kept += sum(B * widths[k][0] * widths[k][1] * abytes for k in recompute_keep)
 
     def activations_with(stored_recomputed: float) -> float:
         a = chunks * ((held - recomputed) * per_layer + recomputed * stored_recomputed)
-        return a + per_layer_bwd + (per_layer if stored_recomputed < per_layer else 0) + chunks * (outside_act + caption)
+        # the block running its recompute holds its whole forward again, its stored tensors included (reused)
+        again = per_layer - stored_recomputed if stored_recomputed < per_layer else 0
+        return a + per_layer_bwd + again + chunks * (outside_act + caption)
 
     act = activations_with(per_layer)
     act_ckpt = activations_with(layer_input)
@@ -262,19 +276,23 @@ def estimate(cfg: ModelConfig, pcfg: ParallelConfig, world_size: int, shape: Ste
 def recompute_flops(cfg: ModelConfig, latent_frames: int, latent_h: int, latent_w: int, caption_len: int,
                     policy, stages: int = 1) -> float:
     """FLOPs a recompute policy runs again in backward for one sample (not model FLOPs): full reruns the
-    recomputed blocks' forward, selective their linear layers (the attention outputs are kept)."""
-    from magi_train.training.flops import layer_forward_flops
+    recomputed blocks' forward, selective their linear layers but the kept ones (the attention outputs are kept)."""
+    from magi_train.training.flops import layer_forward_flops, layer_linear_flops
 
     if policy.mode == "none":
         return 0.0
     blocks = sum(policy.recomputed(i) for n in _stage_layers(cfg.num_layers, stages) for i in range(n))
-    per_block = layer_forward_flops(cfg, latent_frames, latent_h, latent_w, caption_len,
-                                    attention=policy.mode == "full")
+    if policy.mode == "full":
+        per_block = layer_forward_flops(cfg, latent_frames, latent_h, latent_w, caption_len)
+    else:
+        linears = layer_linear_flops(cfg, latent_frames, latent_h, latent_w, caption_len)
+        per_block = sum(f for name, f in linears.items() if name not in policy.keep)
     return float(blocks * per_block)
 
 
 def measure_peak(cfg: ModelConfig, shape: StepShape, *, precision: str = "fp32", steps: int = 2,
-                 recompute: str = "none", device: str = "cpu", seed: int = 0) -> float:
+                 recompute: str = "none", recompute_keep: tuple = DEFAULT_RECOMPUTE_KEEP, device: str = "cpu",
+                 seed: int = 0) -> float:
     """Peak bytes of live tensors over the last of `steps` single-process training steps (AdamW, foreach on CPU,
     fused on GPU). CPU: counted at the dispatcher (LiveBytes); CUDA: torch.cuda.max_memory_allocated."""
     import contextlib
@@ -303,7 +321,7 @@ def measure_peak(cfg: ModelConfig, shape: StepShape, *, precision: str = "fp32",
     tracker = LiveBytes() if dev.type == "cpu" else None
     with tracker if tracker is not None else contextlib.nullcontext():
         model = build_dit(cfg, device=dev)
-        apply_recompute(model, RecomputePolicy(recompute))
+        apply_recompute(model, RecomputePolicy(recompute, keep=recompute_keep))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=dev.type == "cpu",
                                 fused=dev.type == "cuda")
         autocast = torch.bfloat16 if precision == "bf16" else None

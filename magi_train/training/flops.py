@@ -20,20 +20,25 @@ def _sizes(cfg: ModelConfig, latent_frames: int, latent_h: int, latent_w: int):
     return S, n
 
 
+def layer_linear_flops(cfg: ModelConfig, latent_frames: int, latent_h: int, latent_w: int,
+                       caption_len: int) -> dict[str, float]:
+    """Forward FLOPs of one layer's linears for one sample, by linear: qkv (q, qx, k, v), kv_xattn (caption K/V),
+    proj (over [self | cross]), fc1, fc2."""
+    D, qd, kvd = cfg.hidden_size, cfg.q_dim, cfg.kv_dim
+    S, n = _sizes(cfg, latent_frames, latent_h, latent_w)
+    ffn_out = cfg.ffn_hidden_size * (2 if cfg.gated_linear_unit else 1)
+    return {"qkv": 2.0 * S * D * (2 * qd + 2 * kvd), "kv_xattn": 2.0 * n * caption_len * cfg.xattn_dim * 2 * kvd,
+            "proj": 2.0 * S * 2 * qd * D, "fc1": 2.0 * S * D * ffn_out, "fc2": 2.0 * S * cfg.ffn_hidden_size * D}
+
+
 def layer_forward_flops(cfg: ModelConfig, latent_frames: int, latent_h: int, latent_w: int, caption_len: int,
                         lookback: int | None = None, attention: bool = True) -> float:
     """Forward FLOPs of one transformer layer for one sample; attention=False: its linear layers only."""
-    D, qd, kvd = cfg.hidden_size, cfg.q_dim, cfg.kv_dim
     S, n = _sizes(cfg, latent_frames, latent_h, latent_w)
     tpc = S // n
-    caption_tokens = n * caption_len
-    ffn_out = cfg.ffn_hidden_size * (2 if cfg.gated_linear_unit else 1)
-    linear = 2 * S * D * (2 * qd + 2 * kvd)            # q, qx, k, v
-    linear += 2 * caption_tokens * cfg.xattn_dim * 2 * kvd   # caption K/V
-    linear += 2 * S * 2 * qd * D                         # linear_proj over [self | cross]
-    linear += 2 * S * D * ffn_out + 2 * S * cfg.ffn_hidden_size * D
+    linear = sum(layer_linear_flops(cfg, latent_frames, latent_h, latent_w, caption_len).values())
     visible_pairs = sum(min(i + 1, lookback or i + 1) for i in range(n)) * tpc * tpc
-    attn = 4 * qd * visible_pairs + 4 * qd * S * caption_len   # QK^T and AV, self and cross
+    attn = 4 * cfg.q_dim * visible_pairs + 4 * cfg.q_dim * S * caption_len   # QK^T and AV, self and cross
     return float(linear + (attn if attention else 0))
 
 
@@ -67,4 +72,4 @@ def peak_flops_per_second(device: torch.device, override_tflops: float | None = 
     return None
 
 
-__all__ = ["forward_flops", "layer_forward_flops", "train_flops", "peak_flops_per_second", "PEAK_BF16_TFLOPS"]
+__all__ = ["forward_flops", "layer_forward_flops", "layer_linear_flops", "train_flops", "peak_flops_per_second", "PEAK_BF16_TFLOPS"]

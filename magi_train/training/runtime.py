@@ -47,7 +47,8 @@ def model_transforms(train_cfg: TrainConfig):
     from magi_train.precision.fp8_training import Fp8Settings
 
     return ModelTransforms(trainable=partial(is_trainable, trainable=train_cfg.trainable, frozen=train_cfg.frozen),
-                           recompute=RecomputePolicy(train_cfg.recompute, train_cfg.recompute_every),
+                           recompute=RecomputePolicy(train_cfg.recompute, train_cfg.recompute_every,
+                                                     tuple(train_cfg.recompute_keep)),
                            compile=train_cfg.compile,
                            fp8=Fp8Settings(train_cfg.fp8, train_cfg.fp8_recipe, train_cfg.fp8_all_gather))
 
