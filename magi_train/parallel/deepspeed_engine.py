@@ -123,7 +123,10 @@ def _own_group(env, kind: str):
 
 
 def ensure_process_group(env) -> None:
-    """DeepSpeed needs torch.distributed even for one process: a one-rank group on a free local port."""
+    """DeepSpeed needs torch.distributed (and torchrun's LOCAL_RANK) even for one process: a one-rank group on a
+    free local port."""
+    for key, value in (("LOCAL_RANK", env.local_rank), ("RANK", env.rank), ("WORLD_SIZE", env.world_size)):
+        os.environ.setdefault(key, str(value))
     if dist.is_initialized():
         return
     import socket
@@ -167,6 +170,18 @@ def _install_pre_reduction_hooks(plan) -> None:
                 p.register_hook(lambda g, cp=float(env.cp): g * cp)
 
 
+def _mark_tensor_parallel(plan) -> None:
+    """DeepSpeed's global norm counts a parameter on every TP rank when it is marked tensor-parallel and on TP
+    rank 0 otherwise; mark exactly the parameters whose TP ranks hold different slices (grads._counts_here's
+    rule), megatron-core's linears and ours alike."""
+    from .state_dict_adapter import param_role
+
+    if plan.env.tp == 1:
+        return
+    for name, p in plan.named_parameters():
+        p.tensor_model_parallel = param_role(name) is not None
+
+
 def attach(model, optimizer: torch.optim.Optimizer, dcfg, grad_clip: float, micro_batch: int):
     """deepspeed.initialize over this rank's model and the run's AdamW; the engine goes to plan.engine.
     The AdamW object stays the one the scheduler drives (DeepSpeed steps it on its flat partitions)."""
@@ -177,9 +192,9 @@ def attach(model, optimizer: torch.optim.Optimizer, dcfg, grad_clip: float, micr
         raise ConfigError("parallel.pp: dp_mode=deepspeed runs without pipeline stages; set parallel.pp=1")
     ensure_process_group(env)
     _install_pre_reduction_hooks(plan)
+    _mark_tensor_parallel(plan)
     groups = ProcessGroups(env)
     config = deepspeed_config(dcfg, grad_clip, micro_batch)
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if env.device.type == "cuda" else "cpu")
     with _quiet():
         engine, _, _, _ = deepspeed.initialize(model=plan.shells[0], optimizer=optimizer, config=config,
                                                mpu=groups, dist_init_required=False)
