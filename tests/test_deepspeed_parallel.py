@@ -5,7 +5,7 @@ One module fixture runs `python -m magi_train.train experiment=smoke ...` (4 ste
 microbatches of one sample, checkpoints at step 2, EMA on, an export at the end) as one process, under FSDP2
 dp2, DeepSpeed ZeRO-2 dp2, ZeRO-3 dp2, ZeRO-2 with tp2 and ZeRO-3 with cp2 (DeepSpeed's data-parallel group
 is our dp x cp group, its model-parallel group our TP group). Then FSDP2's step-2 checkpoint resumes under
-ZeRO-3 and ZeRO-2's under FSDP2.
+ZeRO-3, ZeRO-2's under FSDP2 and ZeRO-3's under ZeRO-2.
 
 Checked: per-step loss, gradient norm (DeepSpeed's), lr and held-out loss against one process (1e-5 relative);
 the resumed steps against the uninterrupted ones; each export gives one process's forward."""
@@ -37,9 +37,11 @@ LAYOUTS = {
     "zero3_cp2": (2, ["parallel.cp=2", *DS, "parallel.deepspeed.zero_stage=3", "train.grad_accum_steps=4"]),
 }
 # name: (processes, overrides, run whose step-2 checkpoint it resumes)
+# (each engine's save and load once: ZeRO-2 -> FSDP2 -> ZeRO-3 -> ZeRO-2)
 RESUMES = {
-    "zero3_from_fsdp": (2, LAYOUTS["zero3_dp2"][1], "fsdp_dp2"),
     "fsdp_from_zero2": (2, LAYOUTS["fsdp_dp2"][1], "zero2_dp2"),
+    "zero3_from_fsdp": (2, LAYOUTS["zero3_dp2"][1], "fsdp_dp2"),
+    "zero2_from_zero3": (2, LAYOUTS["zero2_dp2"][1], "zero3_dp2"),
 }
 
 
@@ -102,7 +104,7 @@ def test_checkpoint_resumes_across_engines(runs, name):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("layout", ["zero2_dp2", "zero3_dp2", "zero3_from_fsdp"])
+@pytest.mark.parametrize("layout", ["zero2_dp2", "zero3_dp2", "zero3_cp2", "zero3_from_fsdp", "zero2_from_zero3"])
 def test_deepspeed_export_is_one_process_model(runs, layout):
     """The EMA export of a DeepSpeed run (ZeRO-3: gathered from the partitions) equals one process's tensor for
     tensor."""
@@ -111,5 +113,40 @@ def test_deepspeed_export_is_one_process_model(runs, layout):
     ref = load_file(str(runs / "single" / "export" / f"step_{STEPS:08d}" / "model.safetensors"))
     got = load_file(str(runs / layout / "export" / f"step_{STEPS:08d}" / "model.safetensors"))
     assert sorted(got) == sorted(ref)
-    for k in ref:
-        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6, msg=k)
+    # as tests/test_train_parallel.py: within 5e-5 beyond 1e-5 relative (a missed update is off by lr or more);
+    # the key layernorms' biases have analytically zero gradients, Adam turns their rounding noise into steps
+    errors = {k: float(((got[k] - ref[k]).abs() - 1e-5 * ref[k].abs()).max()) for k in ref
+              if not k.endswith(("k_layernorm.bias", "k_layernorm_xattn.bias"))}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < 5e-5, (layout, worst, errors[worst])
+
+
+@pytest.mark.dist
+def test_sigterm_under_zero3_checkpoints_at_one_step(tmp_path):
+    """Preemption as under FSDP2: torchrun passes SIGTERM on; the ZeRO-3 ranks agree on the step, gather and
+    write one complete checkpoint of it and exit 0."""
+    import signal
+    import subprocess
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+           "magi_train.train", "experiment=smoke", "train.max_steps=100000", "train.device=cpu", "parallel.dp=2",
+           *DS, "parallel.deepspeed.zero_stage=3", "train.progress_bar=false", "train.checkpoint.every_steps=0",
+           "train.validation.every_steps=0", f"output_dir={tmp_path}", "name=pre"]
+    log = tmp_path / "pre.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        metrics = tmp_path / "pre" / "metrics.jsonl"
+        deadline = time.monotonic() + 240
+        while not (metrics.is_file() and len(read_metrics(metrics)) >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=180)
+    text = log.read_text()
+    saved = sorted(p.name for p in (tmp_path / "pre" / "checkpoints").iterdir())
+    last = max(read_metrics(metrics))
+    assert saved == [f"step_{last:08d}"], (saved, last)
+    assert f"stop signal 15: checkpoint of step {last} written" in text
+    assert "exitcode  : -9" not in text and "exitcode: -9" not in text

@@ -51,17 +51,45 @@ def full_weight(plan, p) -> torch.Tensor:
     return p.data.detach().clone()
 
 
+# ZeRO-3 empties the AdamW's param_groups between its steps (it steps one flat sub-group at a time), so the
+# AdamW's state is read by its keys, the flat partitions, not through param_groups
 def _has_state(optimizer) -> bool:
-    return any(optimizer.state.get(q) for g in optimizer.param_groups for q in g["params"])
+    return any(bool(st) for st in optimizer.state.values())
 
 
 def _step_tensor(optimizer) -> torch.Tensor | None:
+    return next((st["step"] for st in optimizer.state.values() if st and "step" in st), None)
+
+
+def init_optimizer_state(plan, optimizer) -> None:
+    """Create the AdamW's state on DeepSpeed's flat partitions (one zero-gradient step at lr 0, as
+    checkpoint.sharded.init_optimizer_state does for the other engines) so a checkpoint can be loaded into it."""
+    from magi_train.checkpoint.sharded import init_optimizer_state as plain_init
+
+    if not _zero3(plan):
+        plain_init(optimizer)   # ZeRO-1/2: the param_groups hold the flat fp32 partitions
+        return
+    zero = plan.engine.optimizer
+    flats = zero.fp32_partitioned_groups_flat
+    if all(optimizer.state.get(f) for f in flats):
+        return
+    if getattr(zero, "swap_optimizer", False):
+        from magi_train.config import ConfigError
+
+        raise ConfigError("resume: parallel.deepspeed.offload_optimizer=nvme keeps the optimizer states on disk "
+                          "before the first step; resume with offload_optimizer=cpu (the checkpoint is the same)")
+    saved = [(g["params"], g["lr"]) for g in optimizer.param_groups]
+    grads = [f.grad for f in flats]
     for g in optimizer.param_groups:
-        for q in g["params"]:
-            st = optimizer.state.get(q)
-            if st and "step" in st:
-                return st["step"]
-    return None
+        g["params"], g["lr"] = [], 0.0
+    for i, f in enumerate(flats):
+        optimizer.param_groups[zero.sub_group_to_group_id[i]]["params"].append(f)
+        f.grad = torch.zeros_like(f)
+    optimizer.step()
+    for g, (params, lr) in zip(optimizer.param_groups, saved):
+        g["params"], g["lr"] = params, lr
+    for f, grad in zip(flats, grads):
+        f.grad = grad
 
 
 # ----------------------------------------------------------------------------- FSDP2-shaped pieces
@@ -237,11 +265,9 @@ def write_back(plan, optimizer, ema) -> None:
     steps = getattr(plan, "_ds_steps", None) or {}
     if steps and optimizer is not None:
         step = next(iter(steps.values()))["step"]
-        for g in optimizer.param_groups:
-            for q in g["params"]:
-                st = optimizer.state.get(q)
-                if st and torch.is_tensor(st.get("step")):
-                    st["step"].copy_(step)
+        for st in optimizer.state.values():
+            if st and torch.is_tensor(st.get("step")):
+                st["step"].copy_(step)
     if ema is not None:
         for name, t in pieces["ema"].items():
             w = whole(plan, name, t)
@@ -270,5 +296,5 @@ class ExportTensors(Mapping):
         return len(self.params)
 
 
-__all__ = ["is_deepspeed", "full_weight", "piece", "whole", "ema_targets", "tensor_state", "write_back",
+__all__ = ["is_deepspeed", "init_optimizer_state", "full_weight", "piece", "whole", "ema_targets", "tensor_state", "write_back",
            "ExportTensors"]

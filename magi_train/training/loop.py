@@ -204,10 +204,10 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> None:
         """Resume from a checkpoint of any layout, or from one written by the one-process format of earlier
         versions (whole tensors, read one parameter at a time)."""
-        from magi_train.checkpoint.sharded import after_load, init_optimizer_state
+        from magi_train.checkpoint.sharded import after_load
 
         keys = saved_keys(path)
-        init_optimizer_state(self.optimizer)   # the AdamW moments must exist for the load to fill them
+        self.runtime.init_optimizer_state(self.optimizer)   # the AdamW moments must exist for the load to fill them
         state = self._state()
         mine, my_data = rank_key(self.rank), data_key(self.dp_rank)
         one_process = not is_layout_independent(keys)

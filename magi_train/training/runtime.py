@@ -172,6 +172,16 @@ class TrainingRuntime:
             optimizer.step()
         return norm, skipped
 
+    def init_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
+        """Create the optimizer's per-parameter state (a zero-lr step) so a checkpoint can be loaded into it."""
+        if self.engine is not None:
+            from magi_train.parallel.deepspeed_state import init_optimizer_state
+
+            return init_optimizer_state(self.plan, optimizer)
+        from magi_train.checkpoint.sharded import init_optimizer_state
+
+        init_optimizer_state(optimizer)
+
     def build_frozen(self, model_cfg, path: str, key: str) -> nn.Module:
         """A frozen auxiliary model (a distillation teacher) from the MAGI-1 checkpoint at `path`, in this run's
         layout: the same TP/CP/PP cut, and sharded by FSDP like the trained model, so no rank holds a second
