@@ -150,3 +150,15 @@ def test_sigterm_under_zero3_checkpoints_at_one_step(tmp_path):
     assert saved == [f"step_{last:08d}"], (saved, last)
     assert f"stop signal 15: checkpoint of step {last} written" in text
     assert "exitcode  : -9" not in text and "exitcode: -9" not in text
+
+
+def test_zeropp_quantization_on_cpu_is_one_line(tmp_path):
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "magi_train.train", *COMMON, f"output_dir={tmp_path}", "name=q", *DS,
+           "parallel.deepspeed.zero_stage=3", "parallel.deepspeed.zeropp_quantized_weights=true"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "config error: parallel.deepspeed.zeropp_quantized_weights: ZeRO++ quantization runs DeepSpeed's CUDA" \
+        in proc.stderr

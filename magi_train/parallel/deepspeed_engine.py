@@ -195,6 +195,12 @@ def attach(model, optimizer: torch.optim.Optimizer, dcfg, grad_clip: float, micr
     _mark_tensor_parallel(plan)
     groups = ProcessGroups(env)
     config = deepspeed_config(dcfg, grad_clip, micro_batch)
+    zero = config["zero_optimization"]
+    for key in ("zero_quantized_weights", "zero_quantized_gradients"):
+        if zero.get(key) and env.device.type != "cuda":
+            name = "parallel.deepspeed." + ("config_file" if dcfg.config_file else key.replace("zero_", "zeropp_", 1))
+            raise ConfigError(f"{name}: ZeRO++ quantization runs DeepSpeed's CUDA quantizer kernels; "
+                              f"set it false on CPU (train.device={env.device.type})")
     with _quiet():
         engine, _, _, _ = deepspeed.initialize(model=plan.shells[0], optimizer=optimizer, config=config,
                                                mpu=groups, dist_init_required=False)
