@@ -87,7 +87,7 @@ def run_mode(mode: str, args) -> dict:
             optimizer.zero_grad(set_to_none=True)
         loss = forward_backward(model, mbs, loss_fn, autocast_dtype=torch.bfloat16)
         if deepspeed:
-            optimizer_step(plan.engine)
+            optimizer_step(plan)
         else:
             clip_grad_norm_(plan, 1.0)
             optimizer.step()

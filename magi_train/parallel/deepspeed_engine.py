@@ -70,10 +70,8 @@ class ProcessGroups:
 
     def __init__(self, env):
         self.env = env
-        world = dist.group.WORLD
         self.dp_group = env.dp_cp_group if env.dp_cp_group is not None else _own_group(env, "dp_cp")
         self.tp_group = env.tp_group if env.tp_group is not None else _own_group(env, "tp")
-        self._world = world
 
     def get_data_parallel_group(self):
         return self.dp_group
@@ -153,13 +151,13 @@ def _install_pre_reduction_hooks(plan) -> None:
             return g
         return hook
 
+    if sync.kv_replicas:   # DeepSpeed's norm would count replicated KV heads on every replica
+        raise ConfigError(f"parallel.tp: dp_mode=deepspeed needs tp <= num_query_groups="
+                          f"{plan.model_cfg.num_query_groups}, got {env.tp}")
     if sync.tp_group is not None:
         for p in sync.tp_partial:
             p.register_hook(all_reduce(sync.tp_group))
-    for group, params in sync.kv_replicas:
-        for p in params:
-            p.register_hook(all_reduce(group))
-    sync.tp_partial, sync.kv_replicas = [], []
+    sync.tp_partial = []
     # block parameters of a CP rank see only its tokens: DeepSpeed averages over dp x cp, the block
     # gradient must be the sum over CP averaged over dp (as FSDP2's divide factor of dp does)
     if env.cp > 1:
@@ -239,9 +237,11 @@ def forward_backward(engine, microbatches, loss_fn, autocast_dtype, forward_cont
                                 backward=lambda loss: engine.backward(loss, scale_wrt_gas=False))
 
 
-def optimizer_step(engine) -> tuple[float, bool]:
+def optimizer_step(plan) -> tuple[float, bool]:
     """engine.step(): DeepSpeed's global gradient norm, clipping and update (skipped, norm inf, when the norm is
-    not finite). Returns (norm before clipping, skipped)."""
+    not finite). Returns (norm before clipping, skipped). Drops the last checkpoint's gathered pieces."""
+    engine = plan.engine
+    plan._ds_pieces = None
     engine.step()
     norm = engine.get_global_grad_norm()
     norm = float(norm) if norm is not None else float("nan")

@@ -202,7 +202,8 @@ def _link_moments(plan, optimizer) -> None:
 
 def tensor_state(plan, optimizer, ema) -> dict:
     """The layout-independent entries (model, optimizer, ema) of a DeepSpeed run: global views of FSDP2-shaped
-    pieces gathered from ZeRO's partitions; kept on the plan for `write_back` after a load."""
+    pieces gathered from ZeRO's partitions; kept on the plan for `write_back` after a load (dropped by the next
+    write_back or optimizer step)."""
     from magi_train.checkpoint.sharded import global_view
 
     named = list(plan.named_parameters())
@@ -273,6 +274,7 @@ def write_back(plan, optimizer, ema) -> None:
             w = whole(plan, name, t)
             target = ema.shadow[name]
             target.copy_(_my_partition(params[name], w).to(target.device) if _zero3(plan) else w)
+    plan._ds_pieces = plan._ds_steps = None
 
 
 class ExportTensors(Mapping):

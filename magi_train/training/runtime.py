@@ -163,7 +163,7 @@ class TrainingRuntime:
         if self.engine is not None:
             from magi_train.parallel.deepspeed_engine import optimizer_step
 
-            return optimizer_step(self.engine)
+            return optimizer_step(self.plan)
         norm = self.clip_grad_norm(max_norm)
         skipped = not math.isfinite(norm)
         if skipped:
