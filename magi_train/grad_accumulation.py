@@ -31,9 +31,11 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None,
 def accumulate_gradients(model: nn.Module, microbatches: Sequence[Microbatch], loss_fn: LossFn,
                          autocast_dtype: torch.dtype | None,
                          sync_context: Callable[[bool], ContextManager], *,
-                         forward_context: Callable[[], ContextManager] | None = None) -> torch.Tensor:
+                         forward_context: Callable[[], ContextManager] | None = None,
+                         backward: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """sync_context(last) wraps each microbatch's forward and backward: data-parallel wrappers reduce
-    gradients only when last is True. forward_context: see autocast_context."""
+    gradients only when last is True. forward_context: see autocast_context. backward(scaled_loss): what runs
+    the backward (default loss.backward(); DeepSpeed's engine.backward)."""
     if not microbatches:
         raise ValueError("forward_backward: needs at least one microbatch")
     device = microbatches[0][1].device
@@ -44,7 +46,10 @@ def accumulate_gradients(model: nn.Module, microbatches: Sequence[Microbatch], l
             with autocast_context(device, autocast_dtype, forward_context):
                 v_pred = model(**kwargs)
             loss = loss_fn(v_pred.float(), target, weight)
-            (loss * scale).backward()
+            if backward is None:
+                (loss * scale).backward()
+            else:
+                backward(loss * scale)
         total += loss.detach() * scale
     return total
 

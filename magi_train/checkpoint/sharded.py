@@ -172,9 +172,15 @@ def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
 
 
 @torch.no_grad()
-def after_load(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Copy what was loaded into the first copy of each pipeline-shared parameter into the others."""
+def after_load(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, ema=None) -> None:
+    """Copy what was loaded into the first copy of each pipeline-shared parameter into the others; DeepSpeed:
+    set its ZeRO partitions (and the EMA's) from what was loaded."""
     plan = plan_of(model)
+    if plan.engine is not None:
+        from magi_train.parallel.deepspeed_state import write_back
+
+        write_back(plan, optimizer, ema)
+        return
     copies = plan.shared_copies()
     for name, ps in copies.items():
         for p in ps[1:]:

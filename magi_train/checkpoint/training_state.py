@@ -57,6 +57,10 @@ def tensor_state(plan, named_parameters, optimizer: torch.optim.Optimizer | None
     name, parameter), each name once; the optimizer's other parameters (pipeline-shared copies) are left out."""
     from magi_train.checkpoint.sharded import global_view, optimizer_views
 
+    if getattr(plan, "engine", None) is not None:   # DeepSpeed ZeRO: converted from its partitions
+        from magi_train.parallel.deepspeed_state import tensor_state as deepspeed_tensor_state
+
+        return deepspeed_tensor_state(plan, optimizer, ema)
     named = list(named_parameters)
     out = {"model": {n: global_view(plan, n, p) for n, p in named}}
     if optimizer is not None:

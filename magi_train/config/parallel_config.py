@@ -1,13 +1,15 @@
 """ParallelConfig: the tp/cp/pp/dp grid and how each dimension runs (parallel.* keys)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from magi_train.errors import ConfigError, check, check_choice
 
+from .deepspeed_config import DeepSpeedConfig
+
 CP_STRATEGIES = ("ulysses",)
 PP_SCHEDULES = ("1f1b", "interleaved_1f1b", "gpipe")
-DP_MODES = ("fsdp", "ddp", "none")
+DP_MODES = ("fsdp", "ddp", "deepspeed", "none")
 BACKENDS = ("auto", "nccl", "gloo")
 
 
@@ -21,10 +23,11 @@ class ParallelConfig:
     pp_schedule: str = "1f1b"
     pp_microbatches: int = 4         # per optimizer step; must be >= pp for 1F1B
     pp_virtual_stages: int = 1       # model chunks per rank (interleaved_1f1b needs >= 2)
-    dp_mode: str = "fsdp"            # FSDP2 fully_shard | DDP | none (replicas must then be kept equal by hand)
+    dp_mode: str = "fsdp"            # FSDP2 fully_shard | DDP | deepspeed (ZeRO 1/2/3) | none (replicas kept equal by hand)
     fsdp_cpu_offload: bool = False
     sequence_parallel: bool = False  # Megatron sequence parallel inside the TP group
     backend: str = "auto"            # auto: nccl on GPU, gloo on CPU
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)   # dp_mode=deepspeed: ZeRO stage, offload
 
     def __post_init__(self) -> None:
         for f in ("tp", "cp", "pp", "pp_microbatches", "pp_virtual_stages"):
@@ -49,6 +52,8 @@ class ParallelConfig:
                   f"{self.pp_schedule} needs at least pp={self.pp} microbatches, got {self.pp_microbatches}")
         check(not (self.fsdp_cpu_offload and self.dp_mode != "fsdp"), "parallel.fsdp_cpu_offload",
               f"needs dp_mode='fsdp', got dp_mode={self.dp_mode!r}")
+        check(self.dp_mode == "deepspeed" or self.deepspeed == DeepSpeedConfig(), "parallel.deepspeed",
+              f"is read only with dp_mode='deepspeed', got dp_mode={self.dp_mode!r}")
         check(not (self.sequence_parallel and self.tp == 1), "parallel.sequence_parallel", "needs tp > 1")
 
     @property

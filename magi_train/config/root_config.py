@@ -251,6 +251,9 @@ def validate_config(cfg: MagiConfig, world_size: int = 1) -> None:
     if cfg.resume not in RESUME_CHOICES:
         check(cfg.resume.strip() != "", "resume", "must be 'auto', 'none' or a checkpoint directory")
     validate_distill(cfg)
+    from .deepspeed_config import validate_deepspeed
+
+    validate_deepspeed(cfg)
 
 
 __all__ = ["MagiConfig", "SyntheticDataConfig", "EncodersConfig", "build_config", "build_dataclass",

@@ -8,7 +8,8 @@ Fixed order, from the outside of the model (the model file holds no parallel cod
   3. pipeline cut: this rank's stage(s) keep their layers, placeholders stand for the others
   4. materialise on the device: seeded init, or this rank's shard of full (tp=1) weights
   5. ModelTransforms, per shell: freezing -> activation checkpointing -> compile -> model converters (fp8)
-  6. FSDP2 / DDP over the dp x cp group
+  6. FSDP2 / DDP over the dp x cp group (dp_mode=deepspeed: no wrapper here; the training runtime hands the model
+     and its optimizer to DeepSpeed, parallel/deepspeed_engine.py)
 Returns the model (pp=1) or a PipelinedDiT; either carries `.magi_parallel`, the ParallelPlan."""
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ class ParallelPlan:
     runner: PipelineRunner | None = None
     fsdp_roots: list[nn.Module] = field(default_factory=list)
     forward_context: Callable | None = None     # () -> context every training forward runs in (TE's fp8_autocast)
+    engine: object = None                       # dp_mode=deepspeed: the DeepSpeed engine (deepspeed_engine.attach)
 
     @property
     def pcfg(self) -> ParallelConfig:

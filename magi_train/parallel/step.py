@@ -59,6 +59,10 @@ def forward_backward(model: nn.Module, microbatches: Sequence[Microbatch], loss_
     if not microbatches:
         raise ValueError("forward_backward: needs at least one microbatch")
     plan = plan_of(model)
+    if plan is not None and plan.engine is not None:   # dp_mode=deepspeed: the engine reduces and steps
+        from .deepspeed_engine import forward_backward as deepspeed_forward_backward
+
+        return deepspeed_forward_backward(plan.engine, microbatches, loss_fn, autocast_dtype, plan.forward_context)
     if plan is not None and plan.runner is not None:
         loss = _pipelined(plan, microbatches, loss_fn, autocast_dtype)
     else:

@@ -105,6 +105,7 @@ class Trainer:
         seed_everything(cfg.train.seed + self.rank)
         # a pipeline stage may hold no trained parameter (everything it holds frozen)
         self.optimizer = build_optimizer(self.model, cfg.train.optimizer, allow_empty=True)
+        self.runtime.attach_optimizer(self.optimizer, cfg)   # dp_mode=deepspeed: the engine steps this AdamW
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.train.schedule, cfg.train.max_steps)
         self.ema = self._new_ema() if cfg.train.ema.enabled else None
         self.loader = build_train_loader(cfg, self.dp_rank, self.dp_size)
@@ -149,7 +150,7 @@ class Trainer:
 
     def _new_ema(self) -> EMA:
         e = self.cfg.train.ema
-        return EMA(None, e.decay, e.warmup, named_parameters=self.runtime.named_parameters())
+        return EMA(None, e.decay, e.warmup, named_parameters=self.runtime.ema_targets())
 
     def _prepare_run_dir(self) -> None:
         if self.rank == 0:
@@ -203,10 +204,10 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> None:
         """Resume from a checkpoint of any layout, or from one written by the one-process format of earlier
         versions (whole tensors, read one parameter at a time)."""
-        from magi_train.checkpoint.sharded import after_load, init_optimizer_state
+        from magi_train.checkpoint.sharded import after_load
 
         keys = saved_keys(path)
-        init_optimizer_state(self.optimizer)   # the AdamW moments must exist for the load to fill them
+        self.runtime.init_optimizer_state(self.optimizer)   # the AdamW moments must exist for the load to fill them
         state = self._state()
         mine, my_data = rank_key(self.rank), data_key(self.dp_rank)
         one_process = not is_layout_independent(keys)
@@ -221,7 +222,7 @@ class Trainer:
             load_one_process_checkpoint(path, state)
         else:
             CheckpointManager.load(path, state, allow_partial=fitted.partial)
-        after_load(self.model, self.optimizer)   # pipeline-shared copies take the loaded first copy
+        after_load(self.model, self.optimizer, self.ema)   # pipeline-shared copies take the loaded first copy
         self.scheduler.load_state_dict(unpack_rank_state(state["scheduler"]))
         restore_lr(self.optimizer, self.scheduler)
         if self.ema is not None and "ema" in state:
@@ -264,22 +265,18 @@ class Trainer:
             flops += B * train_flops(self.cfg.model, T, H, W, L)
             tokens += B * self.cfg.model.tokens_per_frame(H, W) * (T // self.cfg.model.t_patch_size)
             samples += B
-        self.optimizer.zero_grad(set_to_none=True)
+        self.runtime.zero_grad(self.optimizer)
         loss = forward_backward(self.model, micro, self.objective.loss, autocast_dtype=self.amp_dtype)
         stall = os.environ.get(FAULT_STALL_STEP)
         if stall and int(stall) == self.step + 1:
             _stall(self.run_dir / f"stalled_at_step_{self.step + 1}", self.flag)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         loss = self.runtime.mean_over_dp(loss)
-        grad_norm = self.runtime.clip_grad_norm(max_norm)
         lr = self.optimizer.param_groups[0]["lr"]
-        skipped = not math.isfinite(grad_norm)
+        grad_norm, skipped = self.runtime.optimizer_step(self.optimizer, max_norm)
         if skipped:
             log.warning("step %d: non-finite gradient norm, update skipped (samples: %s)", self.step + 1,
                         ", ".join(map(str, keys)) or "synthetic")
-            self.optimizer.zero_grad(set_to_none=True)
-        else:
-            self.optimizer.step()
         self.scheduler.step()
         self.step += 1
         if self.ema is not None and not skipped and self.step % self.cfg.train.ema.update_every == 0:

@@ -4,6 +4,8 @@ magi_train.parallel.parallelize.
 
     rt = TrainingRuntime(cfg, device)          # torch.distributed + megatron-core groups (torchrun's env), or none
     model = rt.build_model(cfg, init_from)     # layer spec, TP, CP, PP stage, freezing, AC, compile, FSDP/DDP
+    rt.attach_optimizer(optimizer, cfg)        # dp_mode=deepspeed: the DeepSpeed engine over model + AdamW
+    norm, skipped = rt.optimizer_step(optimizer, max_norm)   # global norm, clipping, update
     teacher = rt.build_frozen(model_cfg, path) # a frozen auxiliary model (distillation), placed the same way
     loss = rt.mean_over_dp(loss); norm = rt.clip_grad_norm(max_norm); rt.reduce_tbins(tbins)
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from functools import partial
 
 import torch
@@ -130,6 +133,56 @@ class TrainingRuntime:
             log.info("initialised from MAGI-1 checkpoint %s", init_from)
         return self.model
 
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer, cfg: MagiConfig) -> None:
+        """parallel.dp_mode=deepspeed: hand the model and its AdamW to DeepSpeed (the engine reduces, clips and
+        steps; the AdamW object stays the one the lr scheduler drives). Other modes: nothing to do."""
+        if cfg.parallel.dp_mode == "deepspeed":
+            from magi_train.parallel.deepspeed_engine import attach
+
+            attach(self.model, optimizer, cfg.parallel.deepspeed, cfg.train.grad_clip, cfg.data.batch_size)
+
+    @property
+    def engine(self):
+        """The DeepSpeed engine of dp_mode=deepspeed, else None."""
+        return self.plan.engine
+
+    def ema_targets(self):
+        """(name, tensor) the EMA follows: this rank's parameters (ZeRO-3: its partitions of them)."""
+        if self.engine is not None:
+            from magi_train.parallel.deepspeed_state import ema_targets
+
+            return ema_targets(self.plan)
+        return self.named_parameters()
+
+    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.engine is None:   # DeepSpeed clears its gradient partitions itself after each step
+            optimizer.zero_grad(set_to_none=True)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, max_norm: float) -> tuple[float, bool]:
+        """The global gradient norm, clipping to max_norm, and the update unless the norm is not finite.
+        Returns (norm before clipping, skipped)."""
+        if self.engine is not None:
+            from magi_train.parallel.deepspeed_engine import optimizer_step
+
+            return optimizer_step(self.plan)
+        norm = self.clip_grad_norm(max_norm)
+        skipped = not math.isfinite(norm)
+        if skipped:
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            optimizer.step()
+        return norm, skipped
+
+    def init_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
+        """Create the optimizer's per-parameter state (a zero-lr step) so a checkpoint can be loaded into it."""
+        if self.engine is not None:
+            from magi_train.parallel.deepspeed_state import init_optimizer_state
+
+            return init_optimizer_state(self.plan, optimizer)
+        from magi_train.checkpoint.sharded import init_optimizer_state
+
+        init_optimizer_state(optimizer)
+
     def build_frozen(self, model_cfg, path: str, key: str) -> nn.Module:
         """A frozen auxiliary model (a distillation teacher) from the MAGI-1 checkpoint at `path`, in this run's
         layout: the same TP/CP/PP cut, and sharded by FSDP like the trained model, so no rank holds a second
@@ -184,6 +237,10 @@ class TrainingRuntime:
         if self.plan.model_cfg.distill:
             out_dir = Path(out_dir) / "inference_weight.distill"
         tensors = dict(ema.shadow) if ema is not None else None
+        if self.engine is not None:   # DeepSpeed's partitions, gathered whole one tensor at a time
+            from magi_train.parallel.deepspeed_state import ExportTensors
+
+            tensors = ExportTensors(self.plan, ema)
         return export_magi(self.model, out_dir, DTYPES[dtype],
                            tensors=tensors)
 
