@@ -60,3 +60,13 @@ def test_every_parallel_config_file_is_valid():
     assert len(files) >= 5
     for f in files:
         ParallelConfig(**(yaml.safe_load(f.read_text()) or {}))
+
+
+def test_fsdp_cpu_offload_on_one_process_is_refused_not_ignored():
+    # one process has no ranks to shard over, so FSDP2 is not applied: the offload would silently do nothing
+    from magi_train.parallel.parallelize import parallelize
+
+    with pytest.raises(ConfigError) as e:
+        parallelize(model_preset("tiny"), ParallelConfig(fsdp_cpu_offload=True))
+    msg = str(e.value)
+    assert msg.startswith("parallel.fsdp_cpu_offload") and "dp*cp >= 2" in msg and "\n" not in msg

@@ -181,6 +181,11 @@ def parallelize(model_cfg: ModelConfig, pcfg: ParallelConfig | None = None, env:
     if sp and env.device.type != "cuda":
         raise ConfigError("parallel.sequence_parallel: megatron-core's sequence-parallel linears need CUDA; "
                           "set it false on CPU")
+    if pcfg.fsdp_cpu_offload and env.dp * env.cp == 1:
+        # FSDP2 wraps only when there are ranks to shard over: one process would silently offload nothing
+        raise ConfigError("parallel.fsdp_cpu_offload: FSDP2 shards and offloads over the dp x cp ranks and this run "
+                          "has one (dp=1, cp=1); launch dp*cp >= 2 processes, or on one GPU use "
+                          "parallel.dp_mode=deepspeed with parallel.deepspeed.offload_optimizer=cpu")
     if pcfg.fsdp_cpu_offload and env.device.type != "cuda":
         raise ConfigError("parallel.fsdp_cpu_offload: offloads GPU parameters to CPU memory, needs CUDA; "
                           "set it false on CPU")
