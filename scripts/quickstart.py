@@ -11,9 +11,10 @@
   8. a PNG strip (truth | model | copy-last-frame) and the T2V object check
 
 Every budget counts steps and samples, never seconds, and each stage runs one thread, so a busy machine trains
-the same thing as an idle one (x264's encoding of the world's mp4s still varies a little between runs:
-docs/quickstart.md). Every stage whose output already exists is skipped, so a crashed run continues where it
-stopped. What was tried and measured: docs/quickstart.md.
+the same thing as an idle one. The world's mp4s are lossless (x264 at crf 0): x264 does not write the same bytes
+on every run, but lossless clips decode to the same frames whatever bytes it chose (docs/quickstart.md). Every
+stage whose output already exists is skipped, so a crashed run continues where it stopped. What was tried and
+measured: docs/quickstart.md.
     python scripts/quickstart.py [--run-dir runs/quickstart] [--long | --fast]
 """
 from __future__ import annotations
@@ -51,7 +52,8 @@ BUDGETS = {
 # so it is fixed for the same weights on every machine; and this model's tensors are so small that on a busy
 # machine a second thread only spin-waits (precompute ran 8x slower with two, measured in docs/quickstart.md).
 THREADS = 1
-WORLD = ["--height", "32", "--width", "32", "--num-frames", "24", "--fps", "8"]
+# crf 0: lossless, so the decoded clips (and all that is computed from them) are the same on every run
+WORLD = ["--height", "32", "--width", "32", "--num-frames", "24", "--fps", "8", "--crf", "0"]
 FPS, PREFIX, FUTURE = 8, 12, 12
 VAE_FACTOR = 4          # 32x32 px -> 8x8 latent cells of 4x4 RGB blocks
 VAE_CHANNELS = 12       # their top principal components (experiment=quickstart in_channels): 33 dB, docs/quickstart.md
@@ -136,15 +138,18 @@ def write_png_strip(cell_dir: Path, out: Path, clips: int) -> Path:
     return write_strip(out, rows, prefix_frames=PREFIX, every=2)
 
 
-def t2v_check(video: Path, trajectories: Path) -> dict:
-    """Share of the T2V frames holding an object of a colour the prompt names and how far it travels; the frames
-    also go to a PNG strip beside the video."""
+def t2v_check(frames_dir: Path, trajectories: Path, strip: Path) -> dict:
+    """Share of the T2V frames holding an object of a colour the prompt names and how far it travels, on the
+    lossless PNG frames magi_infer dumps (the mp4's x264 bytes vary between runs; the PNGs do not); the frames
+    also go to a PNG strip."""
+    import numpy as np
+    from PIL import Image
+
     from data_tools.world_tracker import object_presence
-    from magi_train.data.video_codec import read_video
     from magi_train.evaluation.png_strip import write_strip
 
-    frames = read_video(video)[0]
-    write_strip(video.with_suffix(".png"), [(frames,)], prefix_frames=1, every=2, labels=["T2V"])
+    frames = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted(frames_dir.glob("frame_*.png"))])
+    write_strip(strip, [(frames,)], prefix_frames=1, every=2, labels=["T2V"])
     colours = [o["rgb"] for o in json.loads(trajectories.read_text())["objects"]]
     return object_presence(frames, colours)
 
@@ -194,7 +199,7 @@ def main(argv=None) -> int:
     prompt = (world / "val" / "val-000000.txt").read_text().strip()
     stage("infer/t2v", None,
           [PY, "-m", "magi_infer", "--config_file", str(infer_cfg), "--mode", "t2v", "--prompt", prompt,
-           "--output_path", str(videos / "t2v.mp4"), "num_frames=24"], timings)
+           "--output_path", str(videos / "t2v.mp4"), "num_frames=24", f"frames_dir={videos / 't2v_frames'}"], timings)
     stage("infer/v2v", None,
           [PY, "-m", "magi_infer", "--config_file", str(infer_cfg), "--mode", "v2v", "--prompt", prompt,
            "--prefix_video_path", str(world / "val" / "val-000000.mp4"),
@@ -211,7 +216,7 @@ def main(argv=None) -> int:
     summary = {m: {k: v["mean"] for k, v in cell[key].items()} for m, key in
                (("model", "metrics"), ("copy_last_frame", "baseline_copy_last_frame"), ("ground_truth", "ground_truth"))}
     strip = write_png_strip(cell_dir, run / "quickstart.png", min(STRIP_CLIPS, b.eval_clips))
-    t2v = t2v_check(videos / "t2v.mp4", world / "val" / "val-000000.json")
+    t2v = t2v_check(videos / "t2v_frames", world / "val" / "val-000000.json", videos / "t2v.png")
     total = time.perf_counter() - t_start
     report = {"run_dir": str(run), "seconds_total": round(total, 1),
               "seconds_per_stage": {k: round(v, 1) for k, v in timings.items()},
