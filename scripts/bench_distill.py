@@ -57,6 +57,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--activation-checkpointing", action="store_true")
+    ap.add_argument("--attention-backend", default="auto", help="model.attention_backend (auto: the device's fastest "
+                    "exact backend, the default users get)")
     ap.add_argument("--extra", nargs="*", default=[], help="more key=value overrides for both runs")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -69,6 +71,7 @@ def main(argv=None) -> int:
                   "train.progress_bar=false", "train.checkpoint.every_steps=0", "train.checkpoint.save_at_end=false",
                   "train.checkpoint.export_at_end=false", "train.validation.every_steps=0", "train.ema.enabled=false",
                   f"train.recompute={'full' if args.activation_checkpointing else 'none'}",
+                  f"model.attention_backend={args.attention_backend}",
                   f"train.init_from={teacher}", *args.extra]
         rows = []
         for label, module, keys in [
@@ -82,7 +85,8 @@ def main(argv=None) -> int:
             rows.append((label, t, mem))
     tokens = (args.frames) * (args.height // 2) * (args.width // 2)
     print(f"{args.preset}-shaped blocks x {args.layers} layers, {tokens} tokens a sample, batch 1, "
-          f"activation checkpointing {'on' if args.activation_checkpointing else 'off'}, {args.steps} steps")
+          f"activation checkpointing {'on' if args.activation_checkpointing else 'off'}, attention backend "
+          f"{args.attention_backend}, {args.steps} steps")
     print(f"| objective | step time (s) | peak memory (GiB) | time vs flow matching |")
     print(f"| --- | --- | --- | --- |")
     for label, t, mem in rows:
