@@ -10,6 +10,7 @@ from typing import Iterator
 
 import torch
 
+from magi_train.diffusion.context_encoding import context_dropped
 from magi_train.diffusion.sampling import distill_dt_factors, euler_step, time_grid
 
 from .conditioning import Conditioning
@@ -147,13 +148,14 @@ class ChunkGenerator:
 
     @torch.no_grad()
     def prefill(self) -> None:
-        """V2V: the prefix's whole chunks, at clean_t with the null caption, write their K/V once."""
+        """V2V: the prefix's whole chunks, at clean_t with the null caption, write their K/V once (flagged as
+        diffusion.context_encoding says for this cfg_number: the definition training uses)."""
         n = self.first_chunk
         if n == 0:
             return
         s = self.sampler
         B = self.x.shape[0]
-        dropped = torch.full((B,), s.cfg_number > 1, dtype=torch.bool, device=self.device)
+        dropped = torch.full((B,), context_dropped(s.cfg_number), dtype=torch.bool, device=self.device)
         t = torch.full((B, n), s.clean_t, device=self.device)
         with self.cache.writing(range(n)):
             self.model(self.x[:, :, self._frames(0, n)], t, self.caption[:, :n], self.caption_mask[:, :n], dropped,

@@ -18,6 +18,7 @@ the same noise (the config's seed). Prints a markdown table."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -30,14 +31,17 @@ from magi_train.evaluation.continuation import score_continuation
 from magi_train.evaluation.image_metrics import psnr_per_frame, ssim_per_frame
 
 
-def settings(base: str, student: str, student_keys: list[str]) -> dict[str, list[str]]:
+def settings(base: str, student: str, student_keys: list[str], fit: bool = False) -> dict[str, list[str]]:
     s = student_keys
+    fit_row = {"student, 64 steps, cfg 1 (its fit of the guided teacher)":
+               [f"load={student}", "distill=true", "num_steps=64", "cfg_number=1", *s]} if fit else {}
     return {
         "teacher (base, 64 steps, cfg 3)": [f"load={base}", "num_steps=64", "cfg_number=3"],
         "base, 8 steps, cfg 3": [f"load={base}", "num_steps=8", "cfg_number=3"],
         "student, 8 steps, cfg 1": [f"load={student}", "distill=true", "num_steps=8", "cfg_number=1", *s],
         "student, 12-step shortcut 8,16,16, cfg 1": [f"load={student}", "distill=true", "num_steps=12",
                                                       "shortcut_mode=8,16,16", "cfg_number=1", *s],
+        **fit_row,
     }
 
 
@@ -88,6 +92,8 @@ def main(argv=None) -> int:
     ap.add_argument("--student_keys", nargs="*", default=[], help="run-time keys for the student settings only "
                     "(e.g. distill_nearly_clean_chunk_threshold=1.0: no nearly-clean extra pass)")
     ap.add_argument("--only", type=int, default=None, help="run the first ONLY settings (e.g. 2: teacher and base)")
+    ap.add_argument("--fit", action="store_true", help="add the student at 64 steps (its fit of the guided teacher: "
+                    "the floor of its error at any budget)")
     args = ap.parse_args(argv)
     clips = sorted(p for p in Path(args.clips).glob("*.mp4") if p.with_suffix(".json").exists())[: args.max_clips]
     if not clips:
@@ -95,11 +101,13 @@ def main(argv=None) -> int:
         return 2
     P, F = args.prefix_frames, args.num_frames
     results, teacher = {}, None
-    for k, (name, overrides) in enumerate(settings(args.base, args.student, args.student_keys).items()):
+    for k, (name, overrides) in enumerate(settings(args.base, args.student, args.student_keys, args.fit).items()):
         if args.only is not None and k >= args.only:
             break
-        tag = f"setting{k}_{len(clips)}clips" + ("_" + "_".join(args.student_keys) if k >= 2 and args.student_keys else "")
-        cached = Path(args.cache) / f"{tag.replace('=', '-')}.npz" if args.cache else None
+        # a setting's continuations are keyed by what makes them: its keys (weights included), the clips, the config
+        key = json.dumps([args.config_file, overrides, [str(c) for c in clips], P, F])
+        tag = f"setting{k}_{len(clips)}clips_{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+        cached = Path(args.cache) / f"{tag}.npz" if args.cache else None
         if cached is not None and cached.exists():
             z = np.load(cached)
             preds, latents, (sec, fwd, net) = list(z["preds"]), list(z["latents"]), z["stats"].tolist()

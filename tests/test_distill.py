@@ -13,6 +13,7 @@ from magi_infer.guidance import guided_velocity as infer_guided_velocity
 from magi_infer.kv_cache import InferenceKVCache
 from magi_train.config import ConfigError, FlowMatchingConfig, model_preset
 from magi_train.config.distill_config import DistillConfig
+from magi_train.diffusion import ChunkNoise, context_dropped, prepare_inputs
 from magi_train.diffusion.sampling import base_time_grid, distill_dt_factors, time_grid
 from magi_train.diffusion.shortcut import (base_position, budget_dt_code, snap_to_grid, step_times,
                                            two_half_step_target)
@@ -171,21 +172,59 @@ def test_objective_targets_are_teacher_at_the_finest_budget_and_student_half_ste
     kwargs, target, weight = obj.prepare(batch, torch.Generator().manual_seed(0), step=0)
     budget = 2 * kwargs["dt"][:, 0]
     assert set(budget.tolist()) == {16.0, 8.0}
-    x, t, dropped = kwargs["x"], kwargs["t"], kwargs["caption_dropped"]
+    x, t, dropped, null = kwargs["x"], kwargs["t"], kwargs["caption_dropped"], kwargs["caption_null"]
     clean = weight == 0
-    assert bool(clean.any()) and torch.equal(dropped, clean)
+    # the student sees clean context as cfg-1 serving gives it (null caption, 'kept' flag), the teacher as cfg 3
+    assert bool(clean.any()) and not dropped.any() and torch.equal(null, clean)
     assert (t[:, 1:] <= t[:, :-1]).all()                       # per-chunk monotone, clean prefix first
     noisy = t[~clean]                                           # on the grid of each sample's budget
     assert torch.allclose(snap_to_grid(noisy, budget[:, None].expand_as(t)[~clean]), noisy, atol=1e-6)
-    teacher_v = _ours(teacher, x, t, caption, mask, dropped)
+    teacher_v = _ours(teacher, x, t, caption, mask, clean)
     fine = budget == 16
     assert torch.allclose(target[fine], teacher_v[fine], atol=1e-6)
     N = budget[:, None].expand_as(t)
     t_mid, t_next = step_times(t, N)
     t_mid, t_next = torch.where(clean, t, t_mid), torch.where(clean, t, t_next)
     code = budget_dt_code(2 * N)
-    coarse = two_half_step_target(lambda xi, ti: student(xi, ti, caption, mask, dropped, code), x, t, t_mid, t_next, CW)
+    coarse = two_half_step_target(lambda xi, ti: student(xi, ti, caption, mask, dropped, code, caption_null=null),
+                                  x, t, t_mid, t_next, CW)
     assert torch.allclose(target[~fine], coarse[~fine], atol=1e-6)
+
+
+@pytest.mark.parametrize("num_clean", [0, 1])
+@torch.no_grad()
+def test_student_training_input_is_what_cfg1_serving_feeds(num_clean):
+    """The student's input for a clean context chunk (prepare_inputs at served_cfg_number=1) gives the velocity
+    magi_infer's cfg-1 path gives: behind a prefilled V2V prefix (num_clean 0) and with the finished chunk re-run at
+    clean_t in front of the window (num_clean 1)."""
+    student = _model(True, seed=6)
+    x1, caption, mask = _inputs(n=3, seed=9)
+    B, clean_t = 2, 0.9999
+    flow = FlowMatchingConfig(clean_t=clean_t)
+    levels = ChunkNoise(t=torch.tensor([[clean_t, 0.4, 0.1]] * B), clean=torch.tensor([[True, False, False]] * B))
+    kwargs, _, _ = prepare_inputs({"latent": x1, "text_emb": caption, "text_mask": mask}, torch.Generator().manual_seed(0),
+                                  flow, CW, noise_levels=levels, caption_dropout=0.0, served_cfg_number=1)
+    dt = torch.full((B, 3), 4.0)
+    got = student(**kwargs, dt=dt)[:, :, CW:]
+    sampler = SamplerConfig(cfg_number=1, distill_nearly_clean_chunk_threshold=1.0)
+    null, null_mask = student.null_caption(B, 1, L)
+    cap, cmask = caption[:, None].expand(-1, 3, -1, -1).clone(), mask[:, None].expand(-1, 3, -1).clone()
+    cap[:, :1], cmask[:, :1] = null, null_mask
+    cache = InferenceKVCache()
+    if num_clean == 0:   # ChunkGenerator.prefill's flag for cfg 1
+        with cache.writing(range(1)):
+            student(kwargs["x"][:, :, :CW], kwargs["t"][:, :1], cap[:, :1], cmask[:, :1],
+                    torch.full((B,), context_dropped(1)), dt[:, :1], chunk_offset=0, kv_cache=cache, cache_write=True)
+        inp = WindowInput(x=kwargs["x"][:, :, CW:], t=kwargs["t"][:, 1:], caption=cap[:, 1:], caption_mask=cmask[:, 1:],
+                          first_chunk=1, num_clean=0, lookback=None, dt=dt[:, 1:])
+    else:
+        inp = WindowInput(x=kwargs["x"], t=kwargs["t"], caption=cap, caption_mask=cmask, first_chunk=0, num_clean=1,
+                          lookback=None, dt=dt)
+    ref = infer_guided_velocity(student, inp, cache, sampler)
+    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5), (got - ref).abs().max()
+    # and it is not the 'dropped' encoding pre-training gives clean chunks
+    other = student(kwargs["x"], kwargs["t"], caption, mask, levels.clean, dt)[:, :, CW:]
+    assert not torch.allclose(other, ref, atol=1e-3)
 
 
 # ----------------------------------------------------------------------------- config

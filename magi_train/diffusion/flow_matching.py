@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .context_encoding import context_flags
 from .t_sampler import ChunkNoise, sample_chunk_t
 
 
@@ -42,12 +43,15 @@ def num_chunks_of(latent: torch.Tensor, chunk_width: int) -> int:
 
 
 def prepare_inputs(batch: dict, generator: torch.Generator, cfg, chunk_width: int, device=None,
-                   noise_levels: ChunkNoise | None = None, caption_dropout: float | None = None):
+                   noise_levels: ChunkNoise | None = None, caption_dropout: float | None = None,
+                   served_cfg_number: int = 3):
     """Batch -> (model_kwargs, target, loss_weight); deterministic given the generator.
 
     batch: latent [B, C, T, H, W], text_emb [B, L, D], text_mask [B, L]. cfg: FlowMatchingConfig.
     The draws happen in a fixed order on `generator` (t, clean prefix, caption dropout, noise), on its device.
     noise_levels overrides the t draw (validation uses fixed t); caption_dropout overrides cfg.caption_dropout.
+    served_cfg_number: how the model is served, which decides the flag of clean context chunks (context_encoding:
+    3 base models, 1 distilled ones; cfg 1 adds model_kwargs["caption_null"]).
     loss_weight [B, n]: 1 for noisy chunks, 0 for clean ones."""
     device = torch.device(device) if device is not None else generator.device
     x1 = batch["latent"].to(device=device, dtype=torch.float32)
@@ -58,14 +62,17 @@ def prepare_inputs(batch: dict, generator: torch.Generator, cfg, chunk_width: in
     dropped = torch.rand(B, generator=generator, device=device) < p_drop
     noise = torch.randn(x1.shape, generator=generator, device=device, dtype=x1.dtype)
     t, clean = levels.t.to(device), levels.clean.to(device)
+    # [B, n]: dropped samples, and clean context chunks when they are encoded as inference caches them
+    caption_dropped, caption_null = context_flags(clean & cfg.null_caption_on_clean, dropped, served_cfg_number)
     model_kwargs = {
         "x": noisy_latent(x1, noise, t, chunk_width, clean),
         "t": t,
         "caption": batch["text_emb"].to(device=device, dtype=torch.float32),
         "caption_mask": batch["text_mask"].to(device=device, dtype=torch.bool),
-        # [B, n]: dropped samples, and clean context chunks when they are encoded as inference caches them
-        "caption_dropped": dropped[:, None] | (clean & cfg.null_caption_on_clean),
+        "caption_dropped": caption_dropped,
     }
+    if caption_null is not None:
+        model_kwargs["caption_null"] = caption_null
     loss_weight = (~clean).to(torch.float32)
     return model_kwargs, velocity_target(x1, noise), loss_weight
 

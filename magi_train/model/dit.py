@@ -95,8 +95,10 @@ class MagiDiT(nn.Module):
 
     def build_context(self, x_shape, t, caption, caption_mask=None, caption_dropped=None, dt=None, *,
                       chunk_offset: int = 0, kv_cache: KVCache | None = None, cache_write: bool = False,
-                      lookback=None, layout: ChunkLayout | None = None):
-        """Everything the layers need except the hidden states (cheap; pipeline stages rebuild it)."""
+                      lookback=None, layout: ChunkLayout | None = None, caption_null=None):
+        """Everything the layers need except the hidden states (cheap; pipeline stages rebuild it).
+        caption_dropped [B] or [B, n]: the null caption and the 'dropped' flag; caption_null [B, n] (optional): the
+        null caption under the chunk's own flag (clean context chunks at cfg 1: diffusion.context_encoding)."""
         cfg = self.cfg
         B, _, T, H, W = x_shape
         if T % cfg.chunk_width:
@@ -116,8 +118,11 @@ class MagiDiT(nn.Module):
             caption_dropped = caption_dropped[:, None].expand(-1, n)
         if caption_dropped.shape != (B, n):
             raise ValueError(f"caption_dropped: expected [{B}] or [{B}, {n}], got {tuple(caption_dropped.shape)}")
+        null_rows = caption_dropped
+        if caption_null is not None:
+            null_rows = caption_dropped | caption_null.to(device=device, dtype=torch.bool).reshape(B, n)
         caption, caption_mask = self._captions(caption.to(device), None if caption_mask is None else
-                                               caption_mask.to(device), caption_dropped, n)
+                                               caption_mask.to(device), null_rows, n)
         with torch.autocast(device_type=device.type, enabled=False):
             cond = self.t_embedder(t.to(device).float().flatten()).reshape(B, n, -1)
             if cfg.distill:
@@ -163,7 +168,7 @@ class MagiDiT(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x, t, caption, caption_mask=None, caption_dropped=None, dt=None, *, chunk_offset: int = 0,
                 kv_cache: KVCache | None = None, cache_write: bool = False, lookback=None,
-                layout: ChunkLayout | None = None, latent_shape=None) -> torch.Tensor:
+                layout: ChunkLayout | None = None, latent_shape=None, caption_null=None) -> torch.Tensor:
         """x: the latent [B, C, T, H, W]. A pipeline stage's shell (magi_train.parallel) runs this same forward:
         without x_embedder it takes the previous stage's hidden states as x (latent_shape then gives the latent's
         shape), placeholders stand for the layers other stages hold, and without final_linear it returns hidden
@@ -173,7 +178,8 @@ class MagiDiT(nn.Module):
         if shape is None:
             raise ValueError("latent_shape: a model without x_embedder (a later pipeline stage) needs the latent's shape")
         ctx, grid = self.build_context(shape, t, caption, caption_mask, caption_dropped, dt, chunk_offset=chunk_offset,
-                                       kv_cache=kv_cache, cache_write=cache_write, lookback=lookback, layout=layout)
+                                       kv_cache=kv_cache, cache_write=cache_write, lookback=lookback, layout=layout,
+                                       caption_null=caption_null)
         seq_len = ctx.layout.q_len
         cp = self.context_parallel
         if first:

@@ -31,11 +31,12 @@ def _alone(model, x, t, caption, caption_mask, chunk_width: int, dt=None) -> tor
 @torch.no_grad()
 def guided_velocity(model, x: torch.Tensor, t: torch.Tensor, caption: torch.Tensor, caption_mask: torch.Tensor,
                     caption_dropped: torch.Tensor, *, chunk_width: int, cfg_number: int, t_range, prev_scales,
-                    text_scales) -> torch.Tensor:
-    """x [B, C, n*cw, H, W], t [B, n], caption [B, L, D] (one prompt a sample), caption_dropped [B, n] (the text
-    pass's flags: clean context chunks carry the null caption). Returns the guided velocity [B, C, T, H, W] (fp32)."""
+                    text_scales, caption_null: torch.Tensor | None = None) -> torch.Tensor:
+    """x [B, C, n*cw, H, W], t [B, n], caption [B, L, D] (one prompt a sample), caption_dropped / caption_null [B, n]
+    (the text pass's flags: clean context chunks as diffusion.context_flags encodes them for cfg_number's serving).
+    Returns the guided velocity [B, C, T, H, W] (fp32)."""
     B, n = t.shape
-    v_text = model(x, t, caption, caption_mask, caption_dropped).float()
+    v_text = model(x, t, caption, caption_mask, caption_dropped, caption_null=caption_null).float()
     if cfg_number == 1:
         return v_text
     v_ctx = model(x, t, caption, caption_mask, torch.ones(B, n, dtype=torch.bool, device=t.device)).float()

@@ -17,7 +17,8 @@ import dataclasses
 
 import torch
 
-from magi_train.diffusion import ChunkNoise, chunk_mse, prepare_inputs, sample_chunk_t, weighted_chunk_loss
+from magi_train.diffusion import (ChunkNoise, chunk_mse, context_flags, prepare_inputs, sample_chunk_t,
+                                  weighted_chunk_loss)
 from magi_train.diffusion.shortcut import budget_dt_code, snap_to_grid, step_times, two_half_step_target
 from magi_train.grad_accumulation import Microbatch, autocast_context
 
@@ -103,17 +104,23 @@ class ShortcutDistillObjective:
         B, n = batch["latent"].shape[0], batch["latent"].shape[2] // cw
         budget = draw_budgets(B, c.budgets, c.budget_probs, generator, self.device)        # [B]
         levels = self.levels(B, n, budget, generator)
+        # the student (and its half steps) sees clean context as cfg-1 serving encodes it, the teacher as its
+        # guided serving does (diffusion.context_encoding)
         kwargs, _, loss_weight = prepare_inputs(batch, generator, self.flow_cfg, cw, self.device,
-                                                noise_levels=levels, caption_dropout=c.caption_dropout)
+                                                noise_levels=levels, caption_dropout=c.caption_dropout,
+                                                served_cfg_number=1)
         N = budget[:, None].expand(-1, n)
         kwargs["dt"] = budget_dt_code(N).to(self.device)
         x, t, clean = kwargs["x"], kwargs["t"], levels.clean
+        context = clean & self.flow_cfg.null_caption_on_clean
+        sample_dropped = kwargs["caption_dropped"][:, -1]      # the last chunk is never clean context
+        teacher_dropped, teacher_null = context_flags(context, sample_dropped, c.cfg_number)
 
         with autocast_context(self.device, self.autocast_dtype):
             v_teacher = guided_velocity(self.teacher, x, t, kwargs["caption"], kwargs["caption_mask"],
-                                        kwargs["caption_dropped"], chunk_width=cw, cfg_number=c.cfg_number,
+                                        teacher_dropped, chunk_width=cw, cfg_number=c.cfg_number,
                                         t_range=c.cfg_t_range, prev_scales=c.prev_chunk_scales,
-                                        text_scales=c.text_scales)
+                                        text_scales=c.text_scales, caption_null=teacher_null)
             # the big step of budget N = two steps of budget 2N (code N); clean chunks do not move
             t_mid, t_next = step_times(t, N, c.shift, c.time_schedule)
             t_mid, t_next = torch.where(clean, t, t_mid), torch.where(clean, t, t_next)
@@ -121,7 +128,7 @@ class ShortcutDistillObjective:
 
             def finer(x_in, t_in):
                 return self.target(x_in, t_in, kwargs["caption"], kwargs["caption_mask"], kwargs["caption_dropped"],
-                                   fine_code).float()
+                                   fine_code, caption_null=kwargs.get("caption_null")).float()
 
             v_coarse = two_half_step_target(finer, x, t, t_mid, t_next, cw)
         finest = (budget == float(max(c.budgets)))[:, None, None, None, None]
