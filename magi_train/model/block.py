@@ -44,8 +44,8 @@ def _affine(norm: LayerNorm1p):
 def fused_column_projection(x: torch.Tensor, linears) -> list[torch.Tensor]:
     """[m(x) for m in linears] as one GEMM where the linears allow it: plain nn.Linear weights concatenated at
     run time (the parameters, and so the checkpoint names, stay separate), or a spec's own fused path (a
-    classmethod fused_forward(x, linears), e.g. tensor parallel: one communication for all of them). Other
-    linears (Transformer Engine, fp8-converted ones) run one by one."""
+    classmethod fused_forward(x, linears), e.g. tensor parallel: one communication for all of them; the MAGI-1
+    fp8 format: one quantisation and one GEMM). Other linears (Transformer Engine, torchao fp8) run one by one."""
     kind = type(linears[0])
     if any(type(m) is not kind for m in linears):
         return [m(x) for m in linears]
