@@ -42,3 +42,22 @@ def randomize_(model, std=0.1, seed=0):
             if p.is_floating_point() and p.dtype != torch.float8_e4m3fn:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
     return model
+
+
+def tiny_infer_dit(chunk_width: int):
+    """The inference tests' model: the tiny preset with random weights everywhere, in eval mode."""
+    from magi_train.config import model_preset
+    from magi_train.model import build_dit
+
+    torch.manual_seed(0)
+    return randomize_(build_dit(model_preset("tiny", chunk_width=chunk_width)), std=0.1, seed=1).eval()
+
+
+def random_captions(model, n, seed=0, batch=1):
+    """n chunk captions of random embeddings, the first 10 tokens valid: ([batch, n, L, C], [batch, n, L])."""
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(batch, n, cfg.caption_max_length, cfg.caption_channels, generator=g)
+    mask = torch.zeros(batch, n, cfg.caption_max_length, dtype=torch.bool)
+    mask[..., :10] = True
+    return emb, mask

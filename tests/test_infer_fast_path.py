@@ -3,7 +3,7 @@ weigh, the release's NEG_PROMPT null caption and the fp8 weight format on any de
 import numpy as np
 import pytest
 import torch
-from conftest import randomize_
+from conftest import random_captions, randomize_, tiny_infer_dit
 
 from magi_infer.conditioning import NEGATIVE_SPECIAL_TOKENS, Conditioning
 from magi_infer.config import SamplerConfig, load_infer_config
@@ -22,16 +22,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return randomize_(build_dit(model_preset("tiny", chunk_width=CW)), std=0.1, seed=1).eval()
+    return tiny_infer_dit(CW)
 
 
-def captions(model, n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    emb = torch.randn(1, n, model.cfg.caption_max_length, model.cfg.caption_channels, generator=g)
-    mask = torch.zeros(1, n, model.cfg.caption_max_length, dtype=torch.bool)
-    mask[..., :10] = True
-    return emb, mask
+captions = random_captions
 
 
 @pytest.mark.parametrize("name, dtype, layout", [("4.5B_base", "bfloat16", "tp1 cp1 pp1"),

@@ -1,14 +1,13 @@
 """The latent pipeline on a tiny random DiT: scheduling, KV cache, CFG passes, modes, chunk-wise prompts."""
 import pytest
 import torch
-from conftest import randomize_
+from conftest import random_captions, tiny_infer_dit
 
 from magi_infer.conditioning import Conditioning
 from magi_infer.config import SamplerConfig
 from magi_infer.pipeline import ChunkGenerator
-from magi_train.config import model_preset
 from magi_train.diffusion.sampling import cfg_scales, euler_step, time_grid
-from magi_train.model import KVCache, build_dit
+from magi_train.model import KVCache
 
 CW, HW = 2, (4, 4)
 
@@ -18,17 +17,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return randomize_(build_dit(model_preset("tiny", chunk_width=CW)), std=0.1, seed=1).eval()
+    return tiny_infer_dit(CW)
 
 
-def captions(model, n, seed=0, batch=1):
-    cfg = model.cfg
-    g = torch.Generator().manual_seed(seed)
-    emb = torch.randn(batch, n, cfg.caption_max_length, cfg.caption_channels, generator=g)
-    mask = torch.ones(batch, n, cfg.caption_max_length, dtype=torch.bool)
-    mask[..., 10:] = False
-    return emb, mask
+captions = random_captions
 
 
 def sampler(**kw):
