@@ -7,11 +7,13 @@ Keys: model=<preset> and model.<field>; parallel.<field>; data.resolution=[H,W] 
 pixels and frames; the MAGI-1 VAE makes them 8x / 4x smaller) or data.latent_frames/latent_height/latent_width;
 data.batch_size (per rank and microbatch); data.text_length (caption tokens, default model.caption_max_length);
 train.grad_accum_steps (microbatches when pp=1); train.precision (bf16 | fp32); train.recompute (none | full |
-selective), train.recompute_every and train.recompute_keep; world_size (or nodes x gpus_per_node; default tp*cp*pp*dp); gpu_memory_gib (default 80).
+selective), train.recompute_every, train.recompute_keep, train.recompute_keep_extra and train.recompute_extra_blocks
+(with recompute_keep_extra given, the plan also prints the most blocks that can keep it and still fit); world_size (or nodes x gpus_per_node; default tp*cp*pp*dp); gpu_memory_gib (default 80).
 Distillation: train.objective=shortcut_distill counts the frozen teacher (and distill.target_model=ema's copy)
 beside the student and the teacher's guidance passes (distill.cfg_number) and the target's two half steps."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import fields
 
@@ -21,6 +23,7 @@ from magi_train.config import ConfigError, model_preset
 from magi_train.config.parallel_config import ParallelConfig
 from magi_train.config.train_config import DEFAULT_RECOMPUTE_KEEP, RECOMPUTE_KEEP, RECOMPUTE_MODES
 from magi_train.parallel.memory_estimate import GiB, StepShape, estimate
+from magi_train.parallel.recompute import RecomputePolicy
 
 VAE_SPATIAL, VAE_TEMPORAL = 8, 4
 PLAN_KEYS = ("world_size", "nodes", "gpus_per_node", "gpu_memory_gib")
@@ -91,8 +94,31 @@ def build_plan_inputs(argv: list[str]):
     keep = train.get("recompute_keep", list(DEFAULT_RECOMPUTE_KEEP))
     if not isinstance(keep, (list, tuple)) or any(k not in RECOMPUTE_KEEP for k in keep):
         raise ConfigError(f"train.recompute_keep: got {keep!r}, accepted: a list of {', '.join(RECOMPUTE_KEEP)}")
-    return cfg, pcfg, world, shape, precision, (recompute, every, tuple(keep)), float(tree.get("gpu_memory_gib", 80)), \
+    extra = train.get("recompute_keep_extra", [])
+    if not isinstance(extra, (list, tuple)) or any(k not in RECOMPUTE_KEEP for k in extra):
+        raise ConfigError(f"train.recompute_keep_extra: got {extra!r}, accepted: a list of {', '.join(RECOMPUTE_KEEP)}")
+    extra_blocks = train.get("recompute_extra_blocks", 0)
+    if not isinstance(extra_blocks, int) or isinstance(extra_blocks, bool) or extra_blocks < 0:
+        raise ConfigError(f"train.recompute_extra_blocks: must be an integer >= 0, got {extra_blocks!r}")
+    policy = RecomputePolicy(recompute, every, tuple(keep), tuple(extra), extra_blocks)
+    return cfg, pcfg, world, shape, precision, policy, float(tree.get("gpu_memory_gib", 80)), \
         _objective_cost(train, tree.get("distill", {}) or {}, cfg, shape)
+
+
+def _estimate(cfg, pcfg, world, shape, precision, policy: RecomputePolicy, cost: dict, extra_blocks=None):
+    return estimate(cfg, pcfg, world, shape, precision=precision, recompute_every=policy.every,
+                    recompute_keep=policy.keep, recompute_extra=policy.extra,
+                    recompute_extra_blocks=policy.extra_blocks if extra_blocks is None else extra_blocks, **cost)
+
+
+def most_extra_blocks(cfg, pcfg, world, shape, precision, policy: RecomputePolicy, cost: dict, budget: float) -> int:
+    """The largest train.recompute_extra_blocks whose selective peak fits in `budget` bytes (-1: not even 0)."""
+    best = -1
+    for k in range(cfg.num_layers + 1):   # the peak grows with k
+        if _estimate(cfg, pcfg, world, shape, precision, policy, cost, k).peak_selective > budget:
+            break
+        best = k
+    return best
 
 
 def _objective_cost(train: dict, distill: dict, cfg, shape) -> dict:
@@ -121,9 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0
     try:
-        cfg, pcfg, world, shape, precision, (recompute, every, keep), gpu_gib, cost = build_plan_inputs(argv)
-        est = estimate(cfg, pcfg, world, shape, precision=precision, recompute_every=every, recompute_keep=keep,
-                       **cost)
+        cfg, pcfg, world, shape, precision, policy, gpu_gib, cost = build_plan_inputs(argv)
+        est = _estimate(cfg, pcfg, world, shape, precision, policy, cost)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -134,17 +159,23 @@ def main(argv: list[str] | None = None) -> int:
           f"{precision}")
     print(est.table())
     from magi_train.parallel.memory_estimate import recompute_flops
-    from magi_train.parallel.recompute import RecomputePolicy
 
+    recompute, every, keep = policy.mode, policy.every, policy.keep
     fits = {m: est.peak_for(m) <= gpu_gib * GiB for m in RECOMPUTE_MODES}
     sample = est.flops_per_step / (shape.batch_size * shape.microbatches * est.dp)
     for m in RECOMPUTE_MODES:
         extra = recompute_flops(cfg, shape.latent_frames, shape.latent_height, shape.latent_width, shape.caption_len,
-                                RecomputePolicy(m, every, keep), pcfg.pp)
+                                dataclasses.replace(policy, mode=m), pcfg.pp)
+        more = f", the last {policy.extra_blocks} also {'/'.join(policy.extra)}" if policy.extra_blocks else ""
         print(f"recompute {m:9s}: peak {est.peak_for(m) / GiB:8.1f} GiB per GPU "
               f"({'fits' if fits[m] else 'does NOT fit'} in {gpu_gib:.0f} GiB), "
-              f"+{100 * extra / sample:.0f} % FLOPs run again" +
-              (f", keeps the {'/'.join(keep)} GEMM outputs" if m == "selective" and keep else ""))
+              f"+{100 * extra / sample:.1f} % FLOPs run again" +
+              (f", keeps the {'/'.join(keep)} GEMM outputs{more}" if m == "selective" and keep else ""))
+    if policy.extra:
+        k = most_extra_blocks(cfg, pcfg, world, shape, precision, policy, cost, gpu_gib * GiB)
+        print(f"train.recompute_keep_extra={list(policy.extra)}: " +
+              (f"at most train.recompute_extra_blocks={k} of {est.layers_per_stage} blocks a stage fit in "
+               f"{gpu_gib:.0f} GiB (selective)" if k >= 0 else f"selective does not fit in {gpu_gib:.0f} GiB"))
     verdict = "fits" if fits[recompute] else "does NOT fit"
     print(f"train.recompute={recompute}" + (f" (every {every})" if every > 1 else "") +
           f": {est.peak_for(recompute) / GiB:.1f} GiB per GPU -> {verdict} in {gpu_gib:.0f} GiB")

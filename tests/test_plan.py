@@ -93,6 +93,44 @@ def test_estimate_within_15_percent_of_measured_peak_gpu(recompute):
     assert abs(predicted - measured) / measured < 0.15, (recompute, predicted / 2**20, measured / 2**20)
 
 
+def test_extra_blocks_add_their_kept_outputs_and_the_plan_says_how_many_fit(capsys):
+    """train.recompute_keep_extra / recompute_extra_blocks: k blocks hold fc1's output as well (the last one's is
+    reused by its own recompute, which runs at the peak), the FLOPs run again drop by k fc1 forwards, and the plan
+    prints the most blocks that fit; within 15 % of a CPU step."""
+    from magi_train.parallel.memory_estimate import recompute_flops
+    from magi_train.parallel.recompute import RecomputePolicy
+    from magi_train.plan import main
+    from magi_train.training.flops import layer_linear_flops
+
+    cfg = model_preset("4.5B")
+    shape = StepShape(24, 60, 104, caption_len=64)
+    base = estimate(cfg, ParallelConfig(), 1, shape)
+    fc1 = 37440 * cfg.ffn_hidden_size * (2 if cfg.gated_linear_unit else 1) * 2     # bf16 GEMM output
+    for k in (1, 12):
+        more = estimate(cfg, ParallelConfig(), 1, shape, recompute_extra=("fc1",), recompute_extra_blocks=k)
+        assert more.activations_selective - base.activations_selective == pytest.approx((k - 1) * fc1)
+        policy = RecomputePolicy("selective", extra=("fc1",), extra_blocks=k)
+        saved = recompute_flops(cfg, 24, 60, 104, 64, RecomputePolicy("selective")) - \
+            recompute_flops(cfg, 24, 60, 104, 64, policy)
+        assert saved == pytest.approx(k * layer_linear_flops(cfg, 24, 60, 104, 64)["fc1"])
+    argv = ["model.preset=4.5B", "model.params_dtype=float32", "data.latent_frames=24", "data.latent_height=60",
+            "data.latent_width=104", "data.text_length=64", "gpu_memory_gib=130", "train.recompute=selective",
+            "train.recompute_keep_extra=[fc1]"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    k = int(out.split("at most train.recompute_extra_blocks=")[1].split()[0])
+    cfg32 = model_preset("4.5B", params_dtype="float32")
+    fits = estimate(cfg32, ParallelConfig(), 1, shape, recompute_extra=("fc1",), recompute_extra_blocks=k)
+    too_many = estimate(cfg32, ParallelConfig(), 1, shape, recompute_extra=("fc1",), recompute_extra_blocks=k + 1)
+    assert 0 < k < 34 and fits.peak_selective <= 130 * 2**30 < too_many.peak_selective
+    small = StepShape(4, 16, 16, batch_size=2, microbatches=1, caption_len=16)
+    measured = measure_peak(MID, small, precision="fp32", recompute="selective", recompute_extra=("fc1",),
+                            recompute_extra_blocks=1)
+    predicted = estimate(MID, ParallelConfig(), 1, small, precision="fp32", recompute_extra=("fc1",),
+                         recompute_extra_blocks=1).peak_selective
+    assert abs(predicted - measured) / measured < 0.15, (predicted / 2**20, measured / 2**20)
+
+
 def test_selective_keep_adds_the_kept_gemm_outputs():
     """train.recompute_keep: the estimate adds each kept linear's output per recomputed block; within 15 % of a CPU
     step."""

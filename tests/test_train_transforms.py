@@ -32,10 +32,11 @@ def _grads(model, inputs):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("mode", ["none", "full", "selective"])
-def test_compiled_blocks_trace_one_graph_with_their_recompute(mode):
+@pytest.mark.parametrize("mode,extra_blocks", [("none", 0), ("full", 0), ("selective", 0), ("selective", 1)])
+def test_compiled_blocks_trace_one_graph_with_their_recompute(mode, extra_blocks):
     """Compile is real with recompute: every block runs the same single graph (the checkpoint traced inside it),
-    with no graph break and no recompile per block or per step, and the gradients are eager's."""
+    with no graph break and no recompile per block or per step, and the gradients are eager's; blocks keeping
+    train.recompute_keep_extra have their own graph, one for all of them."""
     from torch._dynamo.backends.debugging import aot_eager
 
     torch._dynamo.reset()
@@ -49,7 +50,8 @@ def test_compiled_blocks_trace_one_graph_with_their_recompute(mode):
     compiled = build_dit(CFG)
     compiled.load_state_dict(eager.state_dict())
     keep = ("qkv", "proj", "fc2") if mode == "selective" else ()
-    apply_transforms(compiled, ModelTransforms(recompute=RecomputePolicy(mode, keep=keep)))
+    policy = RecomputePolicy(mode, keep=keep, extra=("fc1",) if extra_blocks else (), extra_blocks=extra_blocks)
+    apply_transforms(compiled, ModelTransforms(recompute=policy))
     compile_blocks(compiled, backend=counting)
     # a [B, L] caption mask, expanded over the chunks, then a step with captions dropped (a new mask tensor)
     inputs = (*_inputs(CFG), torch.ones(1, 8, dtype=torch.bool))
@@ -57,7 +59,7 @@ def test_compiled_blocks_trace_one_graph_with_their_recompute(mode):
     want = _grads(eager, inputs)
     for step in (inputs, dropped, inputs):
         got = _grads(compiled, step)
-    assert len(graphs) == 1, f"{len(graphs)} graphs for {CFG.num_layers} blocks x 3 steps"
+    assert len(graphs) == 1 + (extra_blocks > 0), f"{len(graphs)} graphs for {CFG.num_layers} blocks x 3 steps"
     if mode != "none":
         assert any("checkpoint" in str(n.target) for n in graphs[0].graph.nodes), "recompute not in the graph"
     assert set(got) == set(want)
@@ -92,6 +94,40 @@ def test_selective_recompute_skips_the_kept_gemms(keep):
     rerun, got = backward_gemms(RecomputePolicy("selective", keep=keep))
     # per block: the fused q/qx/k/v, caption K/V, proj, fc1, fc2 and the gating linear
     assert rerun - plain == CFG.num_layers * (6 - len(keep))
+    for n in want:
+        assert torch.allclose(got[n], want[n], rtol=1e-5, atol=1e-6), n
+
+
+def test_extra_kept_linears_skip_their_gemms_in_the_last_blocks():
+    """train.recompute_keep_extra=[fc1] with recompute_extra_blocks=1: the last block also keeps fc1's output (one
+    GEMM fewer run again), the others keep the default set; gradients unchanged."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from magi_train.parallel.recompute import gemm_ops
+
+    class Gemms(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func in gemm_ops()
+            return func(*args, **(kwargs or {}))
+
+    def backward_gemms(policy):
+        model = randomize_(build_dit(CFG), std=0.05)
+        apply_transforms(model, ModelTransforms(recompute=policy))
+        out = model(*_inputs(CFG, chunks=2)).square().mean()
+        with Gemms() as seen:
+            out.backward()
+        return seen.count, {n: p.grad for n, p in model.named_parameters()}, model
+
+    default = ("qkv", "proj", "fc2")
+    base, want, _ = backward_gemms(RecomputePolicy("selective", keep=default))
+    policy = RecomputePolicy("selective", keep=default, extra=("fc1", "fc2"), extra_blocks=1)
+    rerun, got, model = backward_gemms(policy)
+    assert base - rerun == 1
+    fns = [layer.recompute for layer in transformer_layers(model)]
+    assert fns[0] is fns[1] and fns[2] is not fns[0]
+    assert [policy.kept(i, 3) for i in range(3)] == [default, default, (*default, "fc1")]
     for n in want:
         assert torch.allclose(got[n], want[n], rtol=1e-5, atol=1e-6), n
 
@@ -158,6 +194,14 @@ def test_recompute_and_fp8_keys_are_checked():
     assert tuple(KEEP_LINEARS) == RECOMPUTE_KEEP
     with pytest.raises(ConfigError, match="train.recompute_keep: got 'fc3'"):
         TrainConfig(recompute="selective", recompute_keep=["proj", "fc3"])
+    with pytest.raises(ConfigError, match="train.recompute_keep_extra: got 'fc0'"):
+        TrainConfig(recompute="selective", recompute_keep_extra=["fc0"])
+    with pytest.raises(ConfigError, match="train.recompute_extra_blocks: 4 blocks keep .*=selective only"):
+        TrainConfig(recompute="full", recompute_keep_extra=["fc1"], recompute_extra_blocks=4)
+    with pytest.raises(ConfigError, match="train.recompute_extra_blocks: must be an integer >= 0"):
+        TrainConfig(recompute="selective", recompute_keep_extra=["fc1"], recompute_extra_blocks=-1)
+    t2 = model_transforms(TrainConfig(recompute="selective", recompute_keep_extra=["fc1"], recompute_extra_blocks=5))
+    assert (t2.recompute.extra, t2.recompute.extra_blocks) == (("fc1",), 5)
     assert (t.fp8.mode, t.fp8.resolved_recipe) == ("te", "block")
     assert model_transforms(TrainConfig(fp8="torchao")).fp8.resolved_recipe == "tensorwise"
 

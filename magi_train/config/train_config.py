@@ -211,6 +211,10 @@ class TrainConfig:
     recompute_keep: list[str] = field(default_factory=lambda: list(DEFAULT_RECOMPUTE_KEEP))  # selective: linears
                                           # whose GEMM output is kept, not run again (qkv = q/qx/k/v, proj, fc1,
                                           # fc2); each costs its output's memory a block (magi_train.plan)
+    recompute_keep_extra: list[str] = field(default_factory=list)   # selective: linears also kept in the last
+                                          # recompute_extra_blocks blocks of each stage (e.g. [fc1]: what does not
+                                          # fit in every block fits in some; magi_train.plan says how many)
+    recompute_extra_blocks: int = 0       # how many blocks (the last ones of each stage) keep recompute_keep_extra
     compile: bool = False                 # torch.compile each transformer block (recompute inside the graph)
     fp8: str = "none"                     # fp8 GEMMs in the block linears: none | torchao (torchao.float8) | te
                                           # (Transformer Engine linears, model.layer_spec te or auto)
@@ -222,6 +226,8 @@ class TrainConfig:
     log_every: int = 10                   # steps between log lines (metrics.jsonl gets every step)
     progress_bar: bool = True
     peak_tflops: Optional[float] = None   # accelerator peak for MFU; None = looked up from the device name
+    profile_steps: list[int] = field(default_factory=list)  # steps run under torch.profiler (CPU + CUDA): each
+                                          # writes profile/step_<N>.summary.txt and a Chrome trace to the run dir
     resume_partial: bool = False          # resume from a checkpoint of another model shape: load the tensors that
                                           # fit, keep the initial values of the others (and say which); else stop
     max_nonfinite_steps: int = 10         # stop (exit 5) after this many consecutive steps with a non-finite loss
@@ -252,6 +258,15 @@ class TrainConfig:
               f"must be a list of {', '.join(RECOMPUTE_KEEP)}, got {self.recompute_keep!r}")
         for name in self.recompute_keep:
             check_choice(name, f"{p}.recompute_keep", RECOMPUTE_KEEP)
+        check(isinstance(self.recompute_keep_extra, (list, tuple)), f"{p}.recompute_keep_extra",
+              f"must be a list of {', '.join(RECOMPUTE_KEEP)}, got {self.recompute_keep_extra!r}")
+        for name in self.recompute_keep_extra:
+            check_choice(name, f"{p}.recompute_keep_extra", RECOMPUTE_KEEP)
+        _int(self.recompute_extra_blocks, f"{p}.recompute_extra_blocks", 0)
+        if self.recompute_extra_blocks:
+            check(self.recompute == "selective" and bool(self.recompute_keep_extra), f"{p}.recompute_extra_blocks",
+                  f"{self.recompute_extra_blocks} blocks keep train.recompute_keep_extra under train.recompute="
+                  f"selective only; got recompute={self.recompute!r}, recompute_keep_extra={self.recompute_keep_extra}")
         check_choice(self.fp8, f"{p}.fp8", FP8_MODES)
         check(self.fp8 != "none" or self.fp8_recipe == "auto", f"{p}.fp8_recipe",
               f"{self.fp8_recipe!r} is a recipe of train.fp8 torchao (tensorwise, rowwise) or te (delayed, current, "
@@ -264,6 +279,9 @@ class TrainConfig:
         check(isinstance(self.resume_partial, bool), f"{p}.resume_partial",
               f"must be true or false, got {self.resume_partial!r}")
         _int(self.max_nonfinite_steps, f"{p}.max_nonfinite_steps", 0)
+        check(isinstance(self.profile_steps, (list, tuple)) and all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in self.profile_steps),
+            f"{p}.profile_steps", f"must be a list of step numbers >= 1, got {self.profile_steps!r}")
         if self.peak_tflops is not None:
             check(self.peak_tflops > 0, f"{p}.peak_tflops", f"must be > 0, got {self.peak_tflops}")
 

@@ -108,10 +108,16 @@ def clip_grad_norm_(plan, max_norm: float) -> float:
     counted once across tp/cp/pp/dp ranks, a collective over the world), and every trainable copy on this rank
     scaled by min(1, max_norm / (norm + 1e-6)). Returns the norm before clipping (inf/nan: nothing scaled)."""
     env = plan.env
-    total = torch.zeros((), dtype=torch.float32, device=env.device)
+    counted: dict[tuple, list[torch.Tensor]] = {}
     for name, p in plan.named_parameters():
         if p.requires_grad and p.grad is not None and _counts_here(name, p.grad, env, plan.model_cfg.num_query_groups):
-            total += _local(p.grad).float().square().sum().to(total.device)
+            g = _local(p.grad)
+            counted.setdefault((g.device, g.dtype), []).append(g)
+    # one pass over the gradients: a norm a tensor (foreach kernels, no squared copy), summed as squares
+    total = torch.zeros((), dtype=torch.float32, device=env.device)
+    for grads in counted.values():
+        norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
+        total += torch.stack(norms).square().sum().to(total.device)
     if env.distributed:
         dist.all_reduce(total)
     norm = float(total.sqrt())

@@ -161,12 +161,14 @@ def _per_token_layer(cfg: ModelConfig, tp: int, precision: str) -> tuple[float, 
 def estimate(cfg: ModelConfig, pcfg: ParallelConfig, world_size: int, shape: StepShape, *,
              precision: str = "bf16", optimizer: str = "adamw", optimizer_foreach: bool | None = None,
              frozen_copies: int = 0, sample_flops: float | None = None, recompute_every: int = 1,
-             recompute_keep: tuple = DEFAULT_RECOMPUTE_KEEP) -> MemoryEstimate:
+             recompute_keep: tuple = DEFAULT_RECOMPUTE_KEEP, recompute_extra: tuple = (),
+             recompute_extra_blocks: int = 0) -> MemoryEstimate:
     """precision: 'bf16' (bf16 autocast; weights in model.params_dtype) or 'fp32'. frozen_copies: frozen models
     placed like the trained one (a distillation teacher, an EMA target), counted as weights; sample_flops: FLOPs
     of one sample's step when the objective runs more than one forward and backward (distillation).
     recompute_every: every k-th block of a stage is recomputed (train.recompute_every), the others keep all their
-    activations; recompute_keep: the linears whose GEMM output selective keeps (train.recompute_keep)."""
+    activations; recompute_keep: the linears whose GEMM output selective keeps (train.recompute_keep);
+    recompute_extra / recompute_extra_blocks: more linears kept in the last blocks of each stage."""
     dp = pcfg.validate_world(world_size)
     pcfg.validate_model(cfg)
     tp, cp, pp = pcfg.tp, pcfg.cp, pcfg.pp
@@ -235,16 +237,22 @@ def estimate(cfg: ModelConfig, pcfg: ParallelConfig, world_size: int, shape: Ste
     widths = {"qkv": (s_att, (2 * cfg.q_dim + 2 * cfg.kv_dim) // tp), "fc1": (s_att, ffn_out // tp),
               "proj": (s_res, cfg.hidden_size), "fc2": (s_res, cfg.hidden_size)}
     attn_kept += sum(B * widths[k][0] * widths[k][1] * abytes for k in recompute_keep)
+    # the last recompute_extra_blocks blocks of the stage keep recompute_extra too
+    extra_kept = sum(B * widths[k][0] * widths[k][1] * abytes for k in recompute_extra if k not in recompute_keep)
+    extra_blocks = sum(1 for i in range(held) if i % recompute_every == 0 and i >= held - recompute_extra_blocks)
+    last_recomputed = (held - 1) // recompute_every * recompute_every
 
-    def activations_with(stored_recomputed: float) -> float:
-        a = chunks * ((held - recomputed) * per_layer + recomputed * stored_recomputed)
-        # the block running its recompute holds its whole forward again, its stored tensors included (reused)
-        again = per_layer - stored_recomputed if stored_recomputed < per_layer else 0
+    def activations_with(stored_recomputed: float, extra: float = 0.0) -> float:
+        a = chunks * ((held - recomputed) * per_layer + recomputed * stored_recomputed + extra_blocks * extra)
+        # the block running its recompute holds its whole forward again, its stored tensors included (reused):
+        # at the peak that is the last recomputed block, whose backward runs first
+        stored_last = stored_recomputed + (extra if last_recomputed >= held - recompute_extra_blocks else 0.0)
+        again = per_layer - stored_last if stored_last < per_layer else 0
         return a + per_layer_bwd + again + chunks * (outside_act + caption)
 
     act = activations_with(per_layer)
     act_ckpt = activations_with(layer_input)
-    act_sel = activations_with(layer_input + attn_kept)
+    act_sel = activations_with(layer_input + attn_kept, extra_kept)
 
     # peak: backward starts with every activation and few gradients, ends with every gradient; the optimizer
     # step then adds its temporaries (foreach AdamW: one parameter-sized list, measured; fused: none)
@@ -283,16 +291,20 @@ def recompute_flops(cfg: ModelConfig, latent_frames: int, latent_h: int, latent_
         return 0.0
     blocks = sum(policy.recomputed(i) for n in _stage_layers(cfg.num_layers, stages) for i in range(n))
     if policy.mode == "full":
-        per_block = layer_forward_flops(cfg, latent_frames, latent_h, latent_w, caption_len)
-    else:
-        linears = layer_linear_flops(cfg, latent_frames, latent_h, latent_w, caption_len)
-        per_block = sum(f for name, f in linears.items() if name not in policy.keep)
-    return float(blocks * per_block)
+        return float(blocks * layer_forward_flops(cfg, latent_frames, latent_h, latent_w, caption_len))
+    linears = layer_linear_flops(cfg, latent_frames, latent_h, latent_w, caption_len)
+    total = 0.0
+    for n in _stage_layers(cfg.num_layers, stages):
+        for i in range(n):
+            if policy.recomputed(i):
+                kept = policy.kept(i, n)
+                total += sum(f for name, f in linears.items() if name not in kept)
+    return total
 
 
 def measure_peak(cfg: ModelConfig, shape: StepShape, *, precision: str = "fp32", steps: int = 2,
-                 recompute: str = "none", recompute_keep: tuple = DEFAULT_RECOMPUTE_KEEP, device: str = "cpu",
-                 seed: int = 0) -> float:
+                 recompute: str = "none", recompute_keep: tuple = DEFAULT_RECOMPUTE_KEEP, recompute_extra: tuple = (),
+                 recompute_extra_blocks: int = 0, device: str = "cpu", seed: int = 0) -> float:
     """Peak bytes of live tensors over the last of `steps` single-process training steps (AdamW, foreach on CPU,
     fused on GPU). CPU: counted at the dispatcher (LiveBytes); CUDA: torch.cuda.max_memory_allocated."""
     import contextlib
@@ -321,7 +333,8 @@ def measure_peak(cfg: ModelConfig, shape: StepShape, *, precision: str = "fp32",
     tracker = LiveBytes() if dev.type == "cpu" else None
     with tracker if tracker is not None else contextlib.nullcontext():
         model = build_dit(cfg, device=dev)
-        apply_recompute(model, RecomputePolicy(recompute, keep=recompute_keep))
+        apply_recompute(model, RecomputePolicy(recompute, keep=recompute_keep, extra=recompute_extra,
+                                               extra_blocks=recompute_extra_blocks))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=dev.type == "cpu",
                                 fused=dev.type == "cuda")
         autocast = torch.bfloat16 if precision == "bf16" else None

@@ -7,7 +7,10 @@ training path applies it.
                long sequences they are about half the block's FLOPs) and the outputs of the GEMMs of the linears
                named in train.recompute_keep (qkv, proj, fc1, fc2); norms, gating, RoPE, activations and the
                other linears run again
-every k-th block (recompute_every) is recomputed, the others keep everything.
+every k-th block (recompute_every) is recomputed, the others keep everything. Selective can keep more linears
+(train.recompute_keep_extra) in the last train.recompute_extra_blocks blocks of each stage: a block's kept
+outputs cost the same wherever it sits (all are held when backward starts), and the last block runs its
+backward first, at the peak, so keeping more there also shrinks what its recompute holds again.
 
 Keeping a linear's output saves its GEMM in the recompute (2 x in_features FLOPs a kept element) for one element
 of memory; its input is recomputed from cheaper things (a norm of the block input, the kept attention outputs, or
@@ -45,15 +48,24 @@ class RecomputePolicy:
     mode: str = "none"        # none | full | selective (train.recompute)
     every: int = 1            # recompute blocks 0, k, 2k, ... of each shell (train.recompute_every)
     keep: tuple = DEFAULT_RECOMPUTE_KEEP   # selective: linears whose GEMM output is kept (train.recompute_keep)
+    extra: tuple = ()         # selective: linears also kept in the last extra_blocks blocks (recompute_keep_extra)
+    extra_blocks: int = 0     # train.recompute_extra_blocks
 
     def __post_init__(self):
-        bad = [k for k in self.keep if k not in KEEP_LINEARS]
-        if bad:
-            raise ValueError(f"train.recompute_keep: got {bad[0]!r}, accepted names are {', '.join(KEEP_LINEARS)}")
+        for key, names in (("recompute_keep", self.keep), ("recompute_keep_extra", self.extra)):
+            bad = [k for k in names if k not in KEEP_LINEARS]
+            if bad:
+                raise ValueError(f"train.{key}: got {bad[0]!r}, accepted names are {', '.join(KEEP_LINEARS)}")
 
     def recomputed(self, index: int) -> bool:
         """Whether the index-th block a shell holds is recomputed."""
         return self.mode != "none" and index % self.every == 0
+
+    def kept(self, index: int, blocks: int) -> tuple:
+        """The linears whose GEMM output selective keeps in the index-th of a shell's `blocks` blocks."""
+        if index >= blocks - self.extra_blocks:
+            return self.keep + tuple(k for k in self.extra if k not in self.keep)
+        return self.keep
 
 
 def attention_ops() -> frozenset:
@@ -126,13 +138,16 @@ def apply_recompute(shell: nn.Module, policy: RecomputePolicy) -> int:
     layers = transformer_layers(shell)
     if not layers:
         return 0
-    # one function for every block (the blocks have one shape), so a compiled block's graph serves them all
-    shapes = kept_gemm_shapes(layers[0], policy.keep) if policy.mode == "selective" else frozenset()
-    fn = block_checkpoint(policy.mode, shapes)
+    # one function a kept set (the blocks have one shape), so a compiled block's graph serves all blocks of a set
+    fns: dict[tuple, object] = {}
     n = 0
     for i, layer in enumerate(layers):
         if policy.recomputed(i):
-            layer.recompute = fn
+            keep = policy.kept(i, len(layers)) if policy.mode == "selective" else ()
+            if keep not in fns:
+                shapes = kept_gemm_shapes(layers[0], keep) if policy.mode == "selective" else frozenset()
+                fns[keep] = block_checkpoint(policy.mode, shapes)
+            layer.recompute = fns[keep]
             n += 1
     return n
 

@@ -43,9 +43,11 @@ from .ema import EMA
 from .flops import peak_flops_per_second, train_flops
 from magi_train.checkpoint.training_state import (FORMAT, data_key, has_entry, is_layout_independent, load_one_process_checkpoint,
                                 restore_lr, saved_keys, tensor_state)
+from .batch_lookahead import LookaheadBatches
 from .metrics import MetricsLogger, peak_memory_gib
 from .optim import build_lr_scheduler, build_optimizer
 from .preemption import PreemptionFlag
+from .profiling import StepProfiler, StepTimeline
 from magi_train.checkpoint.fit_check import fit_to_checkpoint
 from .periodic_eval import build_periodic_eval
 from .run_lock import RunLock
@@ -109,7 +111,7 @@ class Trainer:
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.train.schedule, cfg.train.max_steps)
         self.ema = self._new_ema() if cfg.train.ema.enabled else None
         self.loader = build_train_loader(cfg, self.dp_rank, self.dp_size)
-        self.batches = iter(self.loader)
+        self.batches = LookaheadBatches(self.loader)
         self.raw_encoder = None
         if isinstance(cfg.data, DataConfig) and cfg.data.kind == "raw":
             from .raw_encoding import RawBatchEncoder
@@ -130,6 +132,7 @@ class Trainer:
         self.step = 0
         self.last_saved_step = -1
         self.peak_flops = peak_flops_per_second(self.device, cfg.train.peak_tflops)
+        self.profiler = StepProfiler(cfg.train.profile_steps, self.run_dir, self.device, self.rank, self.world_size)
         if resume_from:   # checked and loaded before config.yaml is written or anything pruned
             path = load_newest_loadable(resume_from, self.load_checkpoint, fallback=cfg.resume == "auto")
             log.info("resumed from %s at step %d", path, self.step)
@@ -185,7 +188,7 @@ class Trainer:
             "scheduler": pack_rank_state(self.scheduler.state_dict()),
             "trainer": {"step": self.step, "world_size": self.world_size, "dp_size": self.dp_size, "format": FORMAT},
             rank_key(self.rank): pack_rank_state({"rng": rng_state()}),
-            data_key(self.dp_rank): pack_rank_state({"data": self.loader.state_dict()}),
+            data_key(self.dp_rank): pack_rank_state({"data": self.batches.state_dict()}),
         })
         return state
 
@@ -235,25 +238,23 @@ class Trainer:
         if mine in state and int(trainer["world_size"]) == self.world_size:
             set_rng_state(unpack_rank_state(state[mine])["rng"])
         if my_data in state and int(trainer["dp_size"]) == self.dp_size:
-            self.loader.load_state_dict(unpack_rank_state(state[my_data])["data"])
+            self.batches.load_state_dict(unpack_rank_state(state[my_data])["data"])
         else:
             log.warning("resume: checkpoint was written by %s data-parallel ranks, this run has %d: the data "
                         "position starts fresh", trainer["dp_size"], self.dp_size)
-        self.batches = iter(self.loader)
+            self.batches = LookaheadBatches(self.loader)
 
     # ------------------------------------------------------------------ one step
     def _encode(self, batch: dict) -> dict:
         return self.raw_encoder(batch) if self.raw_encoder is not None else batch
 
     def _next_batch(self) -> dict:
-        try:
-            return self._encode(next(self.batches))
-        except StopIteration:   # a finite loader: start its next pass
-            self.batches = iter(self.loader)
-            return self._encode(next(self.batches))
+        return self._encode(next(self.batches))
 
-    def train_step(self) -> dict:
+    def train_step(self, timeline: StepTimeline | None = None) -> dict:
+        """One optimizer step; timeline (train.profile_steps) marks its phases on the GPU."""
         cfg = self.cfg.train
+        mark = timeline.mark if timeline is not None else (lambda name: None)
         micro, flops, tokens, samples, keys = [], 0.0, 0, 0, []
         for m in range(self.micro_per_step):
             batch = self._next_batch()
@@ -266,14 +267,19 @@ class Trainer:
             tokens += B * self.cfg.model.tokens_per_frame(H, W) * (T // self.cfg.model.t_patch_size)
             samples += B
         self.runtime.zero_grad(self.optimizer)
+        mark("batch")
         loss = forward_backward(self.model, micro, self.objective.loss, autocast_dtype=self.amp_dtype)
+        mark("forward_backward")
+        if self.step + 1 < cfg.max_steps:
+            self.batches.fetch_ahead()   # while the GPU still runs the backward
         stall = os.environ.get(FAULT_STALL_STEP)
         if stall and int(stall) == self.step + 1:
             _stall(self.run_dir / f"stalled_at_step_{self.step + 1}", self.flag)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         loss = self.runtime.mean_over_dp(loss)
         lr = self.optimizer.param_groups[0]["lr"]
-        grad_norm, skipped = self.runtime.optimizer_step(self.optimizer, max_norm)
+        grad_norm, skipped = self.runtime.optimizer_step(self.optimizer, max_norm, mark)
+        mark("optimizer")
         if skipped:
             log.warning("step %d: non-finite gradient norm, update skipped (samples: %s)", self.step + 1,
                         ", ".join(map(str, keys)) or "synthetic")
@@ -287,6 +293,7 @@ class Trainer:
             for (kwargs, _, weight), per_chunk in zip(micro, chunk_losses, strict=True):
                 self.tbins.add(per_chunk, kwargs["t"], weight)
         self.runtime.reduce_tbins(self.tbins)
+        mark("after")
         out = {"loss": float(loss), "lr": lr, "grad_norm": grad_norm, "skipped": skipped,
                "_flops": flops, "_tokens": tokens, "_samples": samples}
         out.update({f"loss/{k}": v for k, v in self.tbins.summary().items()})
@@ -336,11 +343,14 @@ class Trainer:
                         self.save_checkpoint()
                     logger.write_line(self.flag.stop_line(self.step, saved))
                     return 0
-                t0 = time.perf_counter()
-                metrics = self.train_step()
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                logger.log(self.step, self._rates(metrics, time.perf_counter() - t0))
+                timeline = self.profiler.timeline(self.step + 1)
+                with self.profiler.profile(self.step + 1, timeline):
+                    t0 = time.perf_counter()
+                    metrics = self.train_step(timeline)
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    seconds = time.perf_counter() - t0
+                logger.log(self.step, self._rates(metrics, seconds))
                 divergence.after_step(self.step, not metrics["skipped"] and math.isfinite(metrics["loss"]),
                                       self.last_saved_step)
                 if self._due(cfg.validation.every_steps) and self.val_batches:

@@ -51,7 +51,9 @@ def model_transforms(train_cfg: TrainConfig):
 
     return ModelTransforms(trainable=partial(is_trainable, trainable=train_cfg.trainable, frozen=train_cfg.frozen),
                            recompute=RecomputePolicy(train_cfg.recompute, train_cfg.recompute_every,
-                                                     tuple(train_cfg.recompute_keep)),
+                                                     tuple(train_cfg.recompute_keep),
+                                                     tuple(train_cfg.recompute_keep_extra),
+                                                     train_cfg.recompute_extra_blocks),
                            compile=train_cfg.compile,
                            fp8=Fp8Settings(train_cfg.fp8, train_cfg.fp8_recipe, train_cfg.fp8_all_gather))
 
@@ -158,14 +160,17 @@ class TrainingRuntime:
         if self.engine is None:   # DeepSpeed clears its gradient partitions itself after each step
             optimizer.zero_grad(set_to_none=True)
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer, max_norm: float) -> tuple[float, bool]:
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, max_norm: float,
+                       mark=None) -> tuple[float, bool]:
         """The global gradient norm, clipping to max_norm, and the update unless the norm is not finite.
-        Returns (norm before clipping, skipped)."""
+        Returns (norm before clipping, skipped). mark("grad_norm"), when given, follows the clipping."""
         if self.engine is not None:
             from magi_train.parallel.deepspeed_engine import optimizer_step
 
             return optimizer_step(self.plan)
         norm = self.clip_grad_norm(max_norm)
+        if mark is not None:
+            mark("grad_norm")
         skipped = not math.isfinite(norm)
         if skipped:
             optimizer.zero_grad(set_to_none=True)
