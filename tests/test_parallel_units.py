@@ -96,6 +96,14 @@ def test_single_process_layout_equals_the_model(gated_state):
     assert float(loss) == pytest.approx(float(ref_loss), rel=1e-6)
     for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=n)
+    # the layout's global norm and clipping (foreach norms) are torch's
+    from magi_train.parallel.grads import clip_grad_norm_
+
+    max_norm = 0.5 * float(torch.nn.utils.get_total_norm([q.grad for q in ref.parameters()]))
+    want = float(torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm))
+    assert clip_grad_norm_(model.magi_parallel, max_norm) == pytest.approx(want, rel=1e-6)
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=n)
 
 
 def test_magi_getter_reads_one_tensor_at_a_time(tmp_path, gated_state):

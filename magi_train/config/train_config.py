@@ -18,7 +18,8 @@ WANDB_MODES = ("offline", "online", "disabled")
 RECOMPUTE_MODES = ("none", "full", "selective")
 RECOMPUTE_KEEP = ("qkv", "proj", "fc1", "fc2")   # the block linears whose GEMM output selective recompute can keep
 # what selective keeps by default: the most FLOPs per byte that fit the 4.5B at 37,440 tokens on one 141 GB GPU
-# (118 GiB measured; fc1 too would need about 147; docs/benchmarks.md)
+# (118 GiB measured; fc1 in every block too would need about 147: recompute_keep_extra keeps it in some blocks;
+# docs/benchmarks.md)
 DEFAULT_RECOMPUTE_KEEP = ("qkv", "proj", "fc2")
 FP8_MODES = ("none", "torchao", "te")
 # train.fp8_recipe by train.fp8; "auto" takes the first: torchao tensorwise, TE delayed scaling

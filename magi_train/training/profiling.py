@@ -23,12 +23,13 @@ import torch
 
 PHASES = ("batch", "forward_backward", "grad_norm", "optimizer", "after")
 # kernel name -> kind, first match wins
-KINDS = (("attention", re.compile(r"attention|fmha|flash|sdpa", re.I)),
-         ("optimizer", re.compile(r"adam|multi_tensor_apply", re.I)),
-         ("gemm", re.compile(r"gemm|nvjet|xmma|cutlass|cublas|sm90_|matmul", re.I)),
-         ("fused elementwise (inductor)", re.compile(r"^triton_(poi|pointwise)", re.I)),
+# (inductor's kernels are named after the ops they fuse, an attention op's neighbours too: matched first)
+KINDS = (("fused elementwise (inductor)", re.compile(r"^triton_(poi|pointwise)", re.I)),
          ("fused reduction (inductor)", re.compile(r"^triton_(red|per|reduction|persistent)", re.I)),
          ("other triton", re.compile(r"^triton", re.I)),
+         ("optimizer", re.compile(r"adam|multi_tensor_apply", re.I)),
+         ("attention", re.compile(r"attention|fmha|flash|sdpa|cudnn::fusion", re.I)),
+         ("gemm", re.compile(r"gemm|nvjet|xmma|cutlass|cublas|sm90_|matmul", re.I)),
          ("copy / fill", re.compile(r"memcpy|memset|copy|fill|cat|index", re.I)),
          ("reduction (aten)", re.compile(r"reduce|norm|sum", re.I)),
          ("elementwise (aten)", re.compile(r"elementwise", re.I)))
@@ -101,7 +102,8 @@ def kernel_times(prof) -> list[tuple[str, int, float]]:
     from torch.autograd import DeviceType
 
     rows = [(e.key, e.count, e.self_device_time_total) for e in prof.key_averages()
-            if getattr(e, "device_type", None) == DeviceType.CUDA and e.self_device_time_total > 0]
+            if getattr(e, "device_type", None) == DeviceType.CUDA and e.self_device_time_total > 0
+            and not getattr(e, "is_user_annotation", False)]   # a range's span on the GPU, not a kernel
     return sorted(rows, key=lambda r: -r[2])
 
 
