@@ -45,8 +45,6 @@ class StepTimeline:
     def __init__(self, active: bool):
         self.active = active
         self.marks: list[tuple[str, torch.cuda.Event]] = []
-        if active:
-            self.mark("start")
 
     def mark(self, name: str) -> None:
         if self.active:
@@ -83,6 +81,7 @@ class StepProfiler:
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
         with profile(activities=activities) as prof:
+            timeline.mark("start")   # once the profiler runs: its start-up is no phase of the step
             yield
         if self.cuda:
             torch.cuda.synchronize()
