@@ -230,3 +230,17 @@ def test_attention_core_returns_the_heads_side_by_side():
     c = caption_cross_attention(qx.view(n, T, B, H, D).permute(2, 0, 3, 1, 4), kx.permute(0, 1, 3, 2, 4),
                                 vx.permute(0, 1, 3, 2, 4), mask).permute(1, 3, 0, 2, 4).reshape(n * T, B, H, D)
     torch.testing.assert_close(out, torch.stack([a, c], dim=2), rtol=1e-5, atol=1e-5)
+
+
+def test_strided_bf16_write_is_bit_exact():
+    """Attention outputs reach linear_proj's buffer as 8-byte words outside autograd: the same bits as copy_."""
+    from magi_train.model.attention import _write
+
+    g = torch.Generator().manual_seed(0)
+    src = torch.randn(2, 6, 5, 16, generator=g).to(torch.bfloat16).permute(1, 0, 2, 3)   # [6, 2, 5, 16] strided
+    dst = torch.zeros(6, 2, 2, 5, 16, dtype=torch.bfloat16)[:, :, 1]                        # a half of the buffer
+    assert _write(dst, src).data_ptr() == dst.data_ptr()
+    assert torch.equal(dst.view(torch.int16), src.reshape(6, 2, 5, 16).contiguous().view(torch.int16))
+    odd = torch.zeros(6, 2, 5, 18, dtype=torch.bfloat16)[..., 1:17]                         # misaligned: plain copy
+    _write(odd, src)
+    assert torch.equal(odd, src)

@@ -191,11 +191,12 @@ class TransformerLayer(nn.Module):
         # checkpointing. None: the plain forward (inference, no recompute).
         self.recompute = None
 
-    def _gated_residual(self, x, residual, gate, token_chunk, norm):
-        # residual + post_norm(gate[chunk of each token] * x), in fp32 as MAGI-1 does: one fused island
-        # (model/fused_ops.py) that reads the per-chunk gate where it is used instead of a per-token copy
+    def _gated_residual(self, x, residual, gate, norm):
+        # residual + post_norm(gate * x), in fp32 as MAGI-1 does: one fused island (model/fused_ops.py). The gate
+        # comes gathered per token: reading it per chunk inside the compiled island (an indexed load) made the
+        # island 1.65x slower on the H200 (docs/benchmarks.md, issue 19)
         with _fp32(x.device.type):
-            return fused_ops.gated_residual(x, residual, gate, token_chunk, *_affine(norm), norm.eps)
+            return fused_ops.gated_residual(x, residual, gate, *_affine(norm), norm.eps)
 
     def forward(self, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         if self.recompute is not None:
@@ -204,8 +205,8 @@ class TransformerLayer(nn.Module):
 
     def compute(self, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         gates = self.ada_modulate_layer(ctx.cond.to(x.dtype))      # [B, n, 2D], in the blocks' dtype
+        gates = gates[:, ctx.token_chunk].transpose(0, 1)          # [S, B, 2D]
         g_msa, g_mlp = gates.chunk(2, dim=-1)
-        x = self._gated_residual(self.self_attention(x, ctx, self.layer_number), x, g_msa, ctx.token_chunk,
-                                 self.self_attn_post_norm)
-        x = self._gated_residual(self.mlp(x), x, g_mlp, ctx.token_chunk, self.mlp_post_norm)
+        x = self._gated_residual(self.self_attention(x, ctx, self.layer_number), x, g_msa, self.self_attn_post_norm)
+        x = self._gated_residual(self.mlp(x), x, g_mlp, self.mlp_post_norm)
         return x

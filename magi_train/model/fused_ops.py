@@ -43,11 +43,9 @@ def _norm_rope(x, weight, bias, eps: float, cos, sin, out_dtype: torch.dtype):
     return apply_rope(y, cos, sin).to(out_dtype)
 
 
-def _gated_residual(x, residual, gate, token_chunk, weight, bias, eps: float):
-    """residual + LayerNorm(gate[:, chunk of each token] * x), in fp32, cast back to the residual's dtype (MAGI-1's
-    post norms). The gate is read per chunk ([B, n, D]) where it is used: compiled, no per-token copy of it is
-    made and the kernel moves about 6 bytes an element (x, residual in, the result out) instead of 10."""
-    h = x.float() * gate[:, token_chunk].transpose(0, 1)
+def _gated_residual(x, residual, gate, weight, bias, eps: float):
+    """residual + LayerNorm(gate * x), in fp32, cast back to the residual's dtype (MAGI-1's post norms)."""
+    h = x.float() * gate
     return (residual.float() + F.layer_norm(h, (h.shape[-1],), weight.float(), bias.float(), eps)).to(residual.dtype)
 
 
@@ -79,8 +77,9 @@ def _fn(name: str):
 def norm_rope(x, weight, bias, eps: float, cos=None, sin=None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """fp32 LayerNorm of x's last dim, then RoPE when cos/sin are given (x [S, B, heads, head_dim])."""
     out_dtype = out_dtype or x.dtype
-    if cos is None:  # any leading shape: flattened, so one compiled kernel serves every caller
-        rows = x.reshape(-1, x.shape[-1])
+    if cos is None:  # any leading shape: flattened to rows of heads, so one compiled kernel serves every caller
+        # (the leading dims merge without a copy; merging the heads too would copy qx, a view of the q/qx/k/v GEMM)
+        rows = x.reshape(-1, *x.shape[-2:]) if x.dim() > 2 else x
         if _state["compiled"]:
             mark_rows(rows, dims=1)
         return _fn("norm")(rows, weight, bias, eps, out_dtype).reshape(x.shape)
@@ -90,10 +89,8 @@ def norm_rope(x, weight, bias, eps: float, cos=None, sin=None, out_dtype: torch.
     return _fn("norm_rope")(x, weight, bias, eps, cos, sin, out_dtype)
 
 
-def gated_residual(x, residual, gate, token_chunk, weight, bias, eps: float) -> torch.Tensor:
-    """residual + LayerNorm(gate[:, token_chunk].transpose(0, 1) * x) over the last dim: x, residual [S, B, D],
-    gate [B, n, D] per chunk (may be a strided view), token_chunk [S] the chunk of each token."""
+def gated_residual(x, residual, gate, weight, bias, eps: float) -> torch.Tensor:
+    """residual + LayerNorm(gate * x) over the last dim, all three [S, B, D] (gate may be a strided view)."""
     if _state["compiled"]:
         mark_rows(x, residual, gate)
-        torch._dynamo.maybe_mark_dynamic(token_chunk, 0)
-    return _fn("gated_residual")(x, residual, gate, token_chunk, weight, bias, eps)
+    return _fn("gated_residual")(x, residual, gate, weight, bias, eps)
