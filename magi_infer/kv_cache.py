@@ -42,18 +42,18 @@ class InferenceKVCache(KVCache):
             self.bytes_written += 2 * per * k[0].numel() * k.element_size()
         self.peak_bytes = max(self.peak_bytes, self.nbytes())
 
-    def read(self, layer: int, chunk_ids, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def pieces(self, layer: int, chunk_ids, like: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         stored, rows = self._stored_batch(layer, chunk_ids), like.shape[1]
         if stored in (1, rows):  # the base class broadcasts a single stored sample to every row
-            k, v = super().read(layer, chunk_ids, like)
-            self.bytes_read += 2 * k[:, :stored].numel() * k.element_size()
-            return k, v
+            ks, vs = super().pieces(layer, chunk_ids, like)
+            self.bytes_read += 2 * sum(k[:, :stored].numel() for k in ks) * like.element_size()
+            return ks, vs
         if rows % stored:
             raise ValueError(f"KV cache: stored batch {stored} does not divide the forward's batch {rows}")
         # CFG passes batched over several samples: each pass reuses the samples' stored K/V
-        k, v = super().read(layer, chunk_ids, like[:, :stored])
-        self.bytes_read += 2 * k.numel() * k.element_size()
-        return k.repeat(1, rows // stored, 1, 1), v.repeat(1, rows // stored, 1, 1)
+        ks, vs = super().pieces(layer, chunk_ids, like[:, :stored])
+        self.bytes_read += 2 * sum(k.numel() for k in ks) * like.element_size()
+        return [k.repeat(1, rows // stored, 1, 1) for k in ks], [v.repeat(1, rows // stored, 1, 1) for v in vs]
 
     def _stored_batch(self, layer: int, chunk_ids) -> int:
         slot = self._store.get(layer, {})

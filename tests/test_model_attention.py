@@ -163,3 +163,84 @@ def test_per_chunk_dropped_flags():
     none_dropped = model(x, t, cap, mask)
     assert (per_chunk[:, :, :6] - all_dropped[:, :, :6]).abs().max() == 0        # chunk 0 sees only itself
     assert (per_chunk[:, :, 6:] - none_dropped[:, :, 6:]).abs().max() > 1e-4     # chunk 1 sees a null-caption chunk 0
+
+
+def _cross_reference(q, k, v, mask):
+    """Per sample and chunk, masked softmax attention of the chunk's queries over its caption keys in fp64; zero
+    where the caption has no valid key."""
+    B, n, H, T, D = q.shape
+    rep = H // k.shape[2]
+    out = torch.zeros(B, n, H, T, D, dtype=torch.float64)
+    for b in range(B):
+        for j in range(n):
+            m = mask[b, j]
+            if not m.any():
+                continue
+            kk, vv = (x[b, j].double().repeat_interleave(rep, 0)[:, m] for x in (k, v))
+            w = torch.softmax(q[b, j].double() @ kk.transpose(-1, -2) / D ** 0.5, dim=-1)
+            out[b, j] = w @ vv
+    return out
+
+
+@pytest.mark.parametrize("B, n", [(1, 3), (2, 1), (2, 3)])
+def test_cross_attention_writes_into_a_strided_buffer(B, n):
+    """The caption cross-attention writes its result straight into a strided view of the buffer linear_proj reads
+    (one call per sample when both B and n exceed 1), equal to a plain per-chunk computation; a chunk without a
+    valid caption key gets exactly zero, and no gradient reaches its caption."""
+    from magi_train.model.attention import caption_cross_attention
+
+    g = torch.Generator().manual_seed(0)
+    H, Hkv, T, D, L = 4, 2, 5, 8, 6
+    q_tokens = torch.randn(n * T, B, H, D, generator=g, requires_grad=True)        # [S, B, H, D] as the block has it
+    k = torch.randn(B, n, Hkv, L, D, generator=g, requires_grad=True)
+    v = torch.randn(B, n, Hkv, L, D, generator=g, requires_grad=True)
+    mask = torch.rand(B, n, L, generator=g) > 0.4
+    mask[..., 0] = True
+    mask[-1, -1] = False
+    buf = torch.zeros(n * T, B, 2, H, D)
+    as_chunks = lambda x: x.view(n, T, B, H, D).permute(2, 0, 3, 1, 4)  # noqa: E731
+    out = caption_cross_attention(as_chunks(q_tokens), k, v, mask, out=as_chunks(buf[:, :, 1]))
+    assert out.data_ptr() == buf[:, :, 1].data_ptr() and (buf[:, :, 0] == 0).all()
+    ref = _cross_reference(as_chunks(q_tokens), k, v, mask)
+    torch.testing.assert_close(as_chunks(buf[:, :, 1]).double(), ref, rtol=1e-5, atol=1e-5)
+    assert (out[-1, -1] == 0).all()
+    out.sum().backward()
+    assert (v.grad[-1, -1] == 0).all() and (k.grad[-1, -1] == 0).all() and v.grad.abs().sum() > 0
+
+
+def test_attention_core_returns_the_heads_side_by_side():
+    """AttentionCore's one [S, B, 2, H, D] result: self-attention heads then cross-attention heads, what
+    linear_proj reads as a view (no concatenation), equal to the two attentions computed apart."""
+    from magi_train.model.attention import caption_cross_attention
+    from magi_train.model.block import AttentionCore, BlockContext
+
+    g = torch.Generator().manual_seed(1)
+    n, T, B, H, Hkv, D, L = 3, 4, 2, 4, 2, 8, 5
+    q, qx = (torch.randn(n * T, B, H, D, generator=g) for _ in range(2))
+    k, v = (torch.randn(n * T, B, Hkv, D, generator=g) for _ in range(2))
+    kx, vx = (torch.randn(B, n, L, Hkv, D, generator=g) for _ in range(2))
+    mask = torch.rand(B, n, L, generator=g) > 0.3
+    layout = ChunkLayout.causal(n, T, lookback=2)
+    ctx = BlockContext(cond=None, token_chunk=None, rope_cos=None, rope_sin=None, caption=torch.zeros(B, n, L, 1),
+                       caption_mask=mask, layout=layout)
+    out = AttentionCore("sdpa_chunked")(0, q, k, v, qx, kx, vx, ctx)
+    assert out.shape == (n * T, B, 2, H, D) and out.flatten(-3).data_ptr() == out.data_ptr()
+    p = lambda x: x.permute(1, 2, 0, 3)  # noqa: E731
+    a = chunk_causal_attention(p(q), p(k), p(v), layout, "reference").permute(2, 0, 1, 3)
+    c = caption_cross_attention(qx.view(n, T, B, H, D).permute(2, 0, 3, 1, 4), kx.permute(0, 1, 3, 2, 4),
+                                vx.permute(0, 1, 3, 2, 4), mask).permute(1, 3, 0, 2, 4).reshape(n * T, B, H, D)
+    torch.testing.assert_close(out, torch.stack([a, c], dim=2), rtol=1e-5, atol=1e-5)
+
+
+def test_strided_bf16_write_is_bit_exact():
+    """Attention outputs reach linear_proj's buffer as 8-byte words outside autograd: the same bits as copy_."""
+    from magi_train.model.attention import _write
+
+    g = torch.Generator().manual_seed(0)
+    src = torch.randn(2, 6, 5, 16, generator=g).to(torch.bfloat16).permute(1, 0, 2, 3)   # [6, 2, 5, 16] strided
+    dst = torch.zeros(6, 2, 2, 5, 16, dtype=torch.bfloat16)[:, :, 1]                        # a half of the buffer
+    assert _write(dst, src).data_ptr() == dst.data_ptr()
+    assert torch.equal(dst.view(torch.int16), src.reshape(6, 2, 5, 16).contiguous().view(torch.int16))
+    odd = torch.zeros(6, 2, 5, 18, dtype=torch.bfloat16)[..., 1:17]                         # misaligned: plain copy
+    _write(odd, src)
+    assert torch.equal(odd, src)

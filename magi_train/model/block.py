@@ -87,25 +87,26 @@ class AttentionCore(nn.Module):
         super().__init__()
         self.backend = backend
 
-    def forward(self, layer: int, q, k, v, qx, kx, vx, ctx: BlockContext):
-        # q/k/v/qx: [S, B, H, D]; kx/vx: [B, n, L, Hkv, D]
-        S, B = q.shape[:2]
+    def forward(self, layer: int, q, k, v, qx, kx, vx, ctx: BlockContext) -> torch.Tensor:
+        """q/k/v/qx [S, B, H, D], kx/vx [B, n, L, Hkv, D] -> [S, B, 2, H, D]: the self- and cross-attention heads
+        side by side, as linear_proj reads them (flattened, a view). Both attentions write into that one buffer,
+        so no output is concatenated or re-laid out."""
+        S, B, H, D = q.shape
         if ctx.kv_cache is not None:
             cached = [c for c in ctx.layout.kv_chunks if c not in ctx.layout.q_chunks]
             if ctx.cache_write:
                 ctx.kv_cache.write(layer, ctx.layout.q_chunks, k, v)
-            if cached:
-                ck, cv = ctx.kv_cache.read(layer, cached, k)
-                k, v = torch.cat([ck, k]), torch.cat([cv, v])
-        a = chunk_causal_attention(q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3),
-                                   ctx.layout, self.backend)
-        a = a.permute(2, 0, 1, 3)  # [S, B, H, D]
+            if cached:  # the history and the window's own K/V in one concatenation
+                k, v = ctx.kv_cache.read_before(layer, cached, k, v)
+        out = q.new_empty(S, B, 2, H, D)
+        chunk_causal_attention(q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), ctx.layout,
+                               self.backend, out=out[:, :, 0].permute(1, 2, 0, 3))
         n = ctx.caption.shape[1]
         T = S // n
-        qc = qx.reshape(n, T, B, qx.shape[2], qx.shape[3]).permute(2, 0, 3, 1, 4)  # [B, n, H, T, D]
-        c = caption_cross_attention(qc, kx.permute(0, 1, 3, 2, 4), vx.permute(0, 1, 3, 2, 4), ctx.caption_mask)
-        c = c.permute(1, 3, 0, 2, 4).reshape(S, B, qx.shape[2], qx.shape[3])
-        return a, c
+        as_chunks = lambda x: x.view(n, T, B, H, D).permute(2, 0, 3, 1, 4)  # noqa: E731  [B, n, H, T, D]
+        caption_cross_attention(as_chunks(qx), kx.permute(0, 1, 3, 2, 4), vx.permute(0, 1, 3, 2, 4),
+                                ctx.caption_mask, out=as_chunks(out[:, :, 1]))
+        return out
 
 
 class SelfCrossAttention(nn.Module):
@@ -145,9 +146,7 @@ class SelfCrossAttention(nn.Module):
         kvx = kvx.reshape(*kvx.shape[:-1], self.kv_heads, 2 * self.head_dim)
         kx, vx = kvx[..., :self.head_dim], kvx[..., self.head_dim:]
         kx = self._norm_rope(kx, self.k_layernorm_xattn, None, dtype)
-        a, c = self.core(layer, q, k, v, qx, kx, vx, ctx)
-        out = torch.cat([a.flatten(-2), c.flatten(-2)], dim=-1)
-        return self.linear_proj(out)
+        return self.linear_proj(self.core(layer, q, k, v, qx, kx, vx, ctx).flatten(-3))
 
 
 class MLP(nn.Module):
@@ -193,7 +192,9 @@ class TransformerLayer(nn.Module):
         self.recompute = None
 
     def _gated_residual(self, x, residual, gate, norm):
-        # residual + post_norm(gate * x), in fp32 as MAGI-1 does: one fused island (model/fused_ops.py)
+        # residual + post_norm(gate * x), in fp32 as MAGI-1 does: one fused island (model/fused_ops.py). The gate
+        # comes gathered per token: reading it per chunk inside the compiled island (an indexed load) made the
+        # island 1.65x slower on the H200 (docs/benchmarks.md, issue 19)
         with _fp32(x.device.type):
             return fused_ops.gated_residual(x, residual, gate, *_affine(norm), norm.eps)
 

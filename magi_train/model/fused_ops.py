@@ -77,8 +77,9 @@ def _fn(name: str):
 def norm_rope(x, weight, bias, eps: float, cos=None, sin=None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """fp32 LayerNorm of x's last dim, then RoPE when cos/sin are given (x [S, B, heads, head_dim])."""
     out_dtype = out_dtype or x.dtype
-    if cos is None:  # any leading shape: flattened, so one compiled kernel serves every caller
-        rows = x.reshape(-1, x.shape[-1])
+    if cos is None:  # any leading shape: flattened to rows of heads, so one compiled kernel serves every caller
+        # (the leading dims merge without a copy; merging the heads too would copy qx, a view of the q/qx/k/v GEMM)
+        rows = x.reshape(-1, *x.shape[-2:]) if x.dim() > 2 else x
         if _state["compiled"]:
             mark_rows(rows, dims=1)
         return _fn("norm")(rows, weight, bias, eps, out_dtype).reshape(x.shape)

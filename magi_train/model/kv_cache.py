@@ -32,16 +32,29 @@ class KVCache:
 
     def read(self, layer: int, chunk_ids, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Concatenated K, V of the given chunks, on like's device and dtype, batch broadcast to like's batch."""
+        ks, vs = self.pieces(layer, chunk_ids, like)
+        return torch.cat(ks), torch.cat(vs)
+
+    def read_before(self, layer: int, chunk_ids, k: torch.Tensor, v: torch.Tensor):
+        """K, V of the cached chunk_ids followed by a forward's own k, v [S, B, H, D]: one concatenation, the only
+        copy the history makes on its way to attention."""
+        ks, vs = self.pieces(layer, chunk_ids, k)
+        return torch.cat([*ks, k]), torch.cat([*vs, v])
+
+    def pieces(self, layer: int, chunk_ids, like: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per chunk, K and V on like's device and dtype, batch broadcast (a view) to like's batch."""
         slot = self._store.get(layer, {})
         missing = [c for c in chunk_ids if c not in slot]
         if missing:
             raise KeyError(f"KV cache: chunks {missing} of layer {layer} were never written")
-        k = torch.cat([slot[c][0] for c in chunk_ids]).to(like.device, like.dtype, non_blocking=True)
-        v = torch.cat([slot[c][1] for c in chunk_ids]).to(like.device, like.dtype, non_blocking=True)
-        if k.shape[1] != like.shape[1]:
-            k = k.expand(-1, like.shape[1], -1, -1)
-            v = v.expand(-1, like.shape[1], -1, -1)
-        return k, v
+        ks, vs = [], []
+        for c in chunk_ids:
+            k, v = (x.to(like.device, like.dtype, non_blocking=True) for x in slot[c])
+            if k.shape[1] != like.shape[1]:
+                k, v = k.expand(-1, like.shape[1], -1, -1), v.expand(-1, like.shape[1], -1, -1)
+            ks.append(k)
+            vs.append(v)
+        return ks, vs
 
     def drop_before(self, chunk: int) -> None:
         """Free chunks no window can see any more."""

@@ -119,13 +119,11 @@ class UlyssesAttention(nn.Module):
             idx = torch.tensor(self.kv_index, device=k.device)
             k, v = kv[:, :, 0].index_select(2, idx), kv[:, :, 1].index_select(2, idx)
             kx, vx = kx.index_select(-2, idx), vx.index_select(-2, idx)
-        a, c = self.core(layer, q, k, v, qx, kx, vx, ctx)
-        ac = torch.stack([a, c], dim=2)
+        ac = self.core(layer, q, k, v, qx, kx, vx, ctx)                               # [S, B, 2, H/cp, D]
         pad = (-S) % self.cp
         if pad:
             ac = F.pad(ac, (0, 0) * (ac.dim() - 1) + (0, pad))
-        ac = heads_to_seq(ac, g, head_dim=3)                                          # [S/cp, B, 2, H, D]
-        return ac[:, :, 0], ac[:, :, 1]
+        return heads_to_seq(ac, g, head_dim=3)                                        # [S/cp, B, 2, H, D]
 
     def _rank(self) -> int:
         import torch.distributed as dist
