@@ -12,7 +12,9 @@ fill (and, cold, for torch.compile: a warm-up run first takes that out). A chunk
 pixels are in the mp4. Left out: the real T5 (the hash encoder stands in: text is encoded once per prompt) and
 the MAGI-1 VAE (an untrained small VAE decodes, overlapped with denoising either way). Random weights include the
 final projection (zero at init), so the velocities are not 0. --fp8 quantises the blocks to the MAGI-1 fp8 format
-(quantize_to_magi_fp8, weights-only scales) and first compares one window forward with bf16. --profile DIR runs
+(quantize_to_magi_fp8, weights-only scales), with cuDNN fp8 attention where it runs (the format's default;
+model.attention_backend=sdpa_chunked keeps bf16 attention), and first compares one window forward with bf16
+(bf16 weights, exact attention). --profile DIR runs
 the timed run under torch.profiler and prints where the steady state's GPU time goes (kernel kinds, idle time,
 host waits). The profiler adds host time per launch: its timings hold while the summary shows the host ahead of
 the GPU in every stage."""

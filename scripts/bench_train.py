@@ -9,7 +9,8 @@ run, read from the run's metrics.jsonl after warm-up.
 
 A run is a comma list of short keys (fp8, fp8_recipe, recompute, recompute_every, recompute_keep, compile, precision:
 the train.* keys of the same name; recompute_keep's names joined by '+', e.g. recompute_keep=proj+fc2, or 'none')
-or full overrides (key.sub=value). Columns: model TFLOP/s counts 3 x forward FLOPs
+or full overrides (key.sub=value; e.g. model.attention_backend=cudnn_fp8 for fp8 attention, whose runs the precision
+column names). Columns: model TFLOP/s counts 3 x forward FLOPs
 (magi_train.training.flops; recompute excluded, as MFU usually is); 'with recompute' adds the FLOPs the recompute
 policy runs again (full: the blocks' forward; selective: their linear layers), i.e. what the GPU executed. MFU is
 against the bf16 dense peak of the device (989 TFLOP/s on H100/H200) also for fp8 runs. Peak memory is
@@ -98,7 +99,8 @@ def summarise(run_dir: Path, warmup: int, nproc: int = 1) -> dict:
     layout = "1 process" if nproc == 1 else f"tp{p.tp} cp{p.cp} pp{p.pp} dp{dp}" + (f" {p.dp_mode}" if dp > 1 else "")
     fp8 = Fp8Settings(t.fp8, t.fp8_recipe, t.fp8_all_gather)
     return {"layout": layout, "layers": m.num_layers, "precision": t.precision + ("" if t.fp8 == "none" else
-            f"+{t.fp8} {fp8.resolved_recipe}"), "recompute": t.recompute + (f"/{t.recompute_every}" if
+            f"+{t.fp8} {fp8.resolved_recipe}") + (" + fp8 attention (cudnn_fp8)" if m.attention_backend ==
+            "cudnn_fp8" else ""), "recompute": t.recompute + (f"/{t.recompute_every}" if
             t.recompute_every > 1 else "") + (f" keep {'+'.join(t.recompute_keep) or 'none'}" if
             t.recompute == "selective" else ""), "compile": t.compile, "steps": len(steady), "step_s": step_s,
             "tokens_s": statistics.median(r["tokens_per_s"] for r in steady), "tflops": model_tflops,

@@ -16,7 +16,7 @@ here. Backward (training): cuDNN's bf16 `sdpa_backward` per chunk from the fp8 f
 bf16 q, k, v, O and dO: exact bf16 arithmetic around the fp8 forward's statistics. Why not `sdpa_fp8_backward`: on
 Hopper its dQ/dK/dV are fp8 too, which needs scales for them and for dP known before the call (delayed scaling
 with per-layer history), and measured at the training shape it gains little over bf16 (docs/benchmarks.md, fp8
-attention). The forward and backward are torch custom ops: opaque to torch.compile, and the forward is one op that
+attention: 11 % faster kernel, 9-17x the gradient error). The forward and backward are torch custom ops: opaque to torch.compile, and the forward is one op that
 selective recompute keeps (parallel/recompute.attention_ops).
 
 Needs: a CUDA GPU of compute capability >= 9.0, head dim 128 (cuDNN's fp8 SDPA) and the nvidia-cudnn-frontend
@@ -134,10 +134,9 @@ def _scalar(g, uid):
 
 
 @functools.lru_cache(maxsize=256)
-def _forward_graph(q_shape, k_shape, q_stride, k_stride, v_stride, o_stride, st_stride, device_index: int):
-    """One chunk's sdpa_fp8: e4m3 q [B, Hq, Sq, D], k/v [B, Hkv, Skv, D] -> e4m3 O (+ fp32 softmax stats when
-    st_stride, the strides of the chunk's slice of the [B, Hq, S, 1] stats, is given)."""
-    stats = st_stride is not None
+def _forward_graph(q_shape, k_shape, q_stride, k_stride, v_stride, o_stride, stats: bool, device_index: int):
+    """One chunk's sdpa_fp8: e4m3 q [B, Hq, Sq, D], k/v [B, Hkv, Skv, D] -> e4m3 O (+ the chunk's fp32 softmax
+    stats, packed [B, Hq, Sq, 1]: the bf16 backward of cuDNN 9.19 reads them only packed, when stats)."""
     cudnn = _cudnn()
     f8, f32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
     B, Hq, Sq, D = q_shape
@@ -152,7 +151,7 @@ def _forward_graph(q_shape, k_shape, q_stride, k_stride, v_stride, o_stride, st_
         generate_stats=stats, attn_scale=1.0 / math.sqrt(D), use_causal_mask=False)
     o.set_uid(_O).set_output(True).set_dim(list(q_shape)).set_stride(list(o_stride)).set_data_type(f8)
     if stats:
-        st.set_uid(_STATS).set_output(True).set_dim([B, Hq, Sq, 1]).set_stride(list(st_stride)).set_data_type(f32)
+        st.set_uid(_STATS).set_output(True).set_dim([B, Hq, Sq, 1]).set_stride([Hq * Sq, Sq, 1, 1]).set_data_type(f32)
     for t, uid in ((amax_s, _AMAX_S), (amax_o, _AMAX_O)):
         t.set_uid(uid).set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(f32)
     return _build(g)
@@ -161,11 +160,11 @@ def _forward_graph(q_shape, k_shape, q_stride, k_stride, v_stride, o_stride, st_
 @functools.lru_cache(maxsize=256)
 def _backward_graph(q_shape, k_shape, strides: tuple, dtype: torch.dtype, device_index: int):
     """One chunk's bf16 sdpa_backward from the forward's softmax stats: (q, k, v, o, dO) -> (dQ, dK, dV).
-    strides: those of q, k, v, o, dO, dQ, dK, dV (dK/dV of their own chunk buffers), stats."""
+    strides: those of q, k, v, o, dO, dQ, dK, dV (dK/dV of their own chunk buffers)."""
     cudnn = _cudnn()
     io, f32 = _dtype(dtype), cudnn.data_type.FLOAT
     B, Hq, Sq, D = q_shape
-    qs, ks, vs, os_, dos, dqs, dks, dvs, sts = (list(s) for s in strides)
+    qs, ks, vs, os_, dos, dqs, dks, dvs = (list(s) for s in strides)
     g = cudnn.pygraph(io_data_type=io, intermediate_data_type=f32, compute_data_type=f32,
                       handle=_handle(device_index))
     q = g.tensor(dim=list(q_shape), stride=qs, data_type=io, uid=_Q)
@@ -173,7 +172,7 @@ def _backward_graph(q_shape, k_shape, strides: tuple, dtype: torch.dtype, device
     v = g.tensor(dim=list(k_shape), stride=vs, data_type=io, uid=_V)
     o = g.tensor(dim=list(q_shape), stride=os_, data_type=io, uid=_O)
     do = g.tensor(dim=list(q_shape), stride=dos, data_type=io, uid=_DO)
-    st = g.tensor(dim=[B, Hq, Sq, 1], stride=sts, data_type=f32, uid=_STATS)
+    st = g.tensor(dim=[B, Hq, Sq, 1], stride=[Hq * Sq, Sq, 1, 1], data_type=f32, uid=_STATS)
     dq, dk, dv = g.sdpa_backward(q=q, k=k, v=v, o=o, dO=do, stats=st, attn_scale=1.0 / math.sqrt(D),
                                  use_causal_mask=False)
     dq.set_uid(_DQ).set_output(True).set_dim(list(q_shape)).set_stride(dqs).set_data_type(io)
@@ -203,7 +202,7 @@ def _dev_index(x):
 
 
 def forward_impl(q, k, v, chunk_tokens: int, kv_bounds: list[int], stats: bool):
-    """(out [q's dtype and layout], softmax stats [B, Hq, S, 1] fp32 or empty)."""
+    """(out [q's dtype and layout], softmax stats [chunks, B, Hq, chunk_tokens, 1] fp32, or empty)."""
     require_cudnn_fp8(q.device, q.shape[-1])
     _check_shapes(q, k)
     sq, dsq = current_scale(q)
@@ -213,20 +212,21 @@ def forward_impl(q, k, v, chunk_tokens: int, kv_bounds: list[int], stats: bool):
     q8, k8, v8 = _quantize(q, sq), _quantize(k, sk), _quantize(v, sv)
     o8 = torch.empty_like(q8)
     B, Hq, S, D = q.shape
-    st = torch.empty(B, Hq, S, 1, dtype=torch.float32, device=q.device) if stats else q.new_empty(0, dtype=torch.float32)
+    n = len(kv_bounds) // 2
+    st = (torch.empty(n, B, Hq, chunk_tokens, 1, dtype=torch.float32, device=q.device) if stats
+          else q.new_empty(0, dtype=torch.float32))
     s_scale = torch.full((1, 1, 1, 1), E4M3_MAX, dtype=torch.float32, device=q.device)
     s_descale = s_scale.reciprocal()
     amax = torch.empty(2, 1, 1, 1, dtype=torch.float32, device=q.device)
     dev = _dev_index(q)
-    for q0, q1, k0, k1 in _chunks(chunk_tokens, kv_bounds):
+    for i, (q0, q1, k0, k1) in enumerate(_chunks(chunk_tokens, kv_bounds)):
         qi, ki, vi, oi = q8[:, :, q0:q1], k8[:, :, k0:k1], v8[:, :, k0:k1], o8[:, :, q0:q1]
-        sti = st[:, :, q0:q1] if stats else None
         g = _forward_graph(tuple(qi.shape), tuple(ki.shape), qi.stride(), ki.stride(), vi.stride(), oi.stride(),
-                           sti.stride() if stats else None, dev)
+                           stats, dev)
         pack = {_Q: qi, _K: ki, _V: vi, _O: oi, _DS_Q: dsq, _DS_K: dsk, _DS_V: dsv, _DS_S: s_descale,
                 _SC_S: s_scale, _SC_O: so, _AMAX_S: amax[0:1], _AMAX_O: amax[1:2]}
         if stats:
-            pack[_STATS] = sti
+            pack[_STATS] = st[i]
         _run(g, pack, q.device)
     out = _dequantize(o8, dso, q.dtype)
     if out.stride() != q.stride():  # the op's declared layout is q's (register_fake below)
@@ -236,20 +236,20 @@ def forward_impl(q, k, v, chunk_tokens: int, kv_bounds: list[int], stats: bool):
 
 def backward_impl(dout, q, k, v, out, st, chunk_tokens: int, kv_bounds: list[int]):
     """(dq, dk, dv) in the layouts of q, k, v."""
-    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    if dout.stride() != out.stride():  # dO in O's layout (one graph per layout, as for O)
+        dout = torch.empty_like(out).copy_(dout)
     dq = torch.empty_like(q)
     dk_acc = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv_acc = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     dev = _dev_index(q)
-    for q0, q1, k0, k1 in _chunks(chunk_tokens, kv_bounds):
+    for i, (q0, q1, k0, k1) in enumerate(_chunks(chunk_tokens, kv_bounds)):
         qi, oi, doi, dqi = (x[:, :, q0:q1] for x in (q, out, dout, dq))
         ki, vi = k[:, :, k0:k1], v[:, :, k0:k1]
         dki = torch.empty(ki.shape, dtype=k.dtype, device=k.device)
         dvi = torch.empty(vi.shape, dtype=v.dtype, device=v.device)
-        sti = st[:, :, q0:q1]
-        strides = tuple(x.stride() for x in (qi, ki, vi, oi, doi, dqi, dki, dvi, sti))
+        strides = tuple(x.stride() for x in (qi, ki, vi, oi, doi, dqi, dki, dvi))
         g = _backward_graph(tuple(qi.shape), tuple(ki.shape), strides, q.dtype, dev)
-        _run(g, {_Q: qi, _K: ki, _V: vi, _O: oi, _DO: doi, _STATS: sti, _DQ: dqi, _DK: dki, _DV: dvi}, q.device)
+        _run(g, {_Q: qi, _K: ki, _V: vi, _O: oi, _DO: doi, _STATS: st[i], _DQ: dqi, _DK: dki, _DV: dvi}, q.device)
         dk_acc[:, :, k0:k1] += dki
         dv_acc[:, :, k0:k1] += dvi
     return dq, torch.empty_like(k).copy_(dk_acc), torch.empty_like(v).copy_(dv_acc)
@@ -265,8 +265,9 @@ def cudnn_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk
 
 @cudnn_fp8_attention.register_fake
 def _(q, k, v, chunk_tokens, kv_bounds, stats):
-    B, H, S, _ = q.shape
-    return torch.empty_like(q), q.new_empty((B, H, S, 1) if stats else (0,), dtype=torch.float32)
+    B, H = q.shape[:2]
+    shape = (len(kv_bounds) // 2, B, H, chunk_tokens, 1) if stats else (0,)
+    return torch.empty_like(q), q.new_empty(shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("magi::cudnn_fp8_attention_backward", mutates_args=())

@@ -1,9 +1,14 @@
-"""Device probe for model.attention_backend=cudnn_fp8 (numbers quoted in docs/benchmarks.md, fp8 attention): the
-error of the fp8 forward and of the gradients at the 4.5B training shape against bf16 per-chunk SDPA, where the
-time of one chunk's forward / backward goes (kernels), and cuDNN's sdpa_fp8_backward (not used by the backend:
-on Hopper its dQ/dK/dV are fp8 and need scales before the call) for speed and error with two scale rules:
-'oracle' (each tensor's true amax, what delayed scaling converges to) and 'bound' (upper bounds from norms of
-dO, v, q, k computed before the call; e5m2 gradients for the range)."""
+"""cuDNN fp8 attention (model.attention_backend=cudnn_fp8) at the 4.5B training shape, on a Hopper GPU with
+nvidia-cudnn-frontend; the numbers of docs/benchmarks.md's "fp8 attention (issues 19, 20)":
+  - relative error of the output and of dq/dk/dv against bf16 per-chunk SDPA (4 chunks of 9,360 tokens, 24/8 heads)
+  - the kernels of one chunk's forward and backward (q 9,360 over 37,440 keys), from torch.profiler
+  - cuDNN's sdpa_fp8_backward, which the backend does not use (on Hopper its dQ/dK/dV are fp8 and need their
+    scales before the call), timed with its casts and compared for error under two scale rules: 'oracle' (each
+    tensor's true amax, what delayed scaling converges to) and 'bound' (upper bounds from norms of dO, v, q, k
+    taken before the call, e5m2 gradients for the range).
+
+    python scripts/bench_fp8_attention.py
+"""
 import math
 
 import torch
@@ -138,6 +143,7 @@ for Sq_, Skv_ in ((9360, 37440),):
     qb, kb, vb = q1[:, :, -Sq_:], k1[:, :, :Skv_], v1[:, :, :Skv_]
     dob = do1[:, :, -Sq_:]
     ob, stb = fp8.forward_impl(qb, kb, vb, Sq_, [0, Skv_], True)
+    stb = stb[0]
     ref = reference(qb, kb, vb, dob)
     for g_dt, rule in ((f8, "oracle"), (f5, "bound")):
         try:
