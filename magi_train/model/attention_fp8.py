@@ -16,8 +16,8 @@ here. Backward (training): cuDNN's bf16 `sdpa_backward` per chunk from the fp8 f
 bf16 q, k, v, O and dO: exact bf16 arithmetic around the fp8 forward's statistics. Why not `sdpa_fp8_backward`: on
 Hopper its dQ/dK/dV are fp8 too, which needs scales for them and for dP known before the call (delayed scaling
 with per-layer history), and measured at the training shape it gains little over bf16 (docs/benchmarks.md, fp8
-attention: 11 % faster kernel, 9-17x the gradient error). The forward and backward are torch custom ops: opaque to torch.compile, and the forward is one op that
-selective recompute keeps (parallel/recompute.attention_ops).
+attention: 11 % faster kernel, 9-17x the gradient error). The forward and backward are torch custom ops: opaque
+to torch.compile, and the forward is one op that selective recompute keeps (parallel/recompute.attention_ops).
 
 Needs: a CUDA GPU of compute capability >= 9.0, head dim 128 (cuDNN's fp8 SDPA) and the nvidia-cudnn-frontend
 package (pip install 'magi[cudnn]'), imported on first use."""
