@@ -21,6 +21,7 @@ from magi_train.dtypes import DTYPES
 from magi_train.encoders import TextEncoderConfig, VAEConfig, build_text_encoder, build_vae, load_special_tokens
 from magi_train.model import fused_ops
 from magi_train.model.attention import resolve_backend
+from magi_train.model.block import AttentionCore
 
 from .conditioning import (Conditioning, chunk_captions, negative_tokens_from_env, null_caption_prefix,
                            special_tokens_from_env)
@@ -47,11 +48,26 @@ def resolve_compile(cfg: InferConfig, device: torch.device) -> bool:
     return device.type == "cuda" if cfg.compile is None else bool(cfg.compile)
 
 
+def attention_backend(cfg: InferConfig, device: torch.device) -> str:
+    """The self-attention backend the run uses. 'auto' with the MAGI-1 fp8 format (fp8_quant): cuDNN fp8 attention
+    where it runs (Hopper, nvidia-cudnn-frontend, head dim 128; docs/benchmarks.md, fp8 attention), else the
+    device's default; model.attention_backend=sdpa_chunked keeps exact bf16 attention."""
+    if cfg.fp8_quant and cfg.model.attention_backend == "auto":
+        from magi_train.model.attention_fp8 import require_cudnn_fp8
+
+        try:
+            require_cudnn_fp8(device, cfg.model.kv_channels)
+            return "cudnn_fp8"
+        except ValueError:
+            pass
+    return resolve_backend(cfg.model.attention_backend, device)
+
+
 def describe_run(cfg: InferConfig, device: torch.device, dtype: torch.dtype) -> str:
     """The line the CLI starts with: what actually runs."""
     p = cfg.parallel
     weights = str(dtype).replace("torch.", "") + (" with MAGI-1 fp8 linears" if cfg.fp8_quant else "")
-    return (f"magi_infer: attention {resolve_backend(cfg.model.attention_backend, device)}, dtype {weights}, "
+    return (f"magi_infer: attention {attention_backend(cfg, device)}, dtype {weights}, "
             f"device {device}, layout tp{p.tp} cp{p.cp} pp{p.pp}, compile {'on' if resolve_compile(cfg, device) else 'off'}")
 
 
@@ -99,6 +115,9 @@ class MagiRunner:
         if vae.latent_channels != cfg.model.latent_channels:
             raise ValueError(f"vae: {vae.latent_channels} latent channels, the DiT takes {cfg.model.latent_channels}")
         self.model = model if model is not None else build_model(cfg, self.device, self.dtype)
+        backend = attention_backend(cfg, self.device)
+        for core in (m for m in self.model.modules() if isinstance(m, AttentionCore)):
+            core.backend = backend
         fused_ops.use_compiled(resolve_compile(cfg, self.device))
 
     # ------------------------------------------------------------------ conditioning

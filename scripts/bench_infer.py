@@ -12,7 +12,9 @@ fill (and, cold, for torch.compile: a warm-up run first takes that out). A chunk
 pixels are in the mp4. Left out: the real T5 (the hash encoder stands in: text is encoded once per prompt) and
 the MAGI-1 VAE (an untrained small VAE decodes, overlapped with denoising either way). Random weights include the
 final projection (zero at init), so the velocities are not 0. --fp8 quantises the blocks to the MAGI-1 fp8 format
-(quantize_to_magi_fp8, weights-only scales) and first compares one window forward with bf16. --profile DIR runs
+(quantize_to_magi_fp8, weights-only scales), with cuDNN fp8 attention where it runs (the format's default;
+model.attention_backend=sdpa_chunked keeps bf16 attention), and first compares one window forward with bf16
+(bf16 weights, exact attention). --profile DIR runs
 the timed run under torch.profiler and prints where the steady state's GPU time goes (kernel kinds, idle time,
 host waits). The profiler adds host time per launch: its timings hold while the summary shows the host ahead of
 the GPU in every stage."""
@@ -32,7 +34,8 @@ from pathlib import Path
 import torch
 
 from magi_infer.config import load_infer_config
-from magi_infer.runner import MagiRunner, build_model, describe_run, resolve_device, resolve_dtype
+from magi_infer.runner import MagiRunner, attention_backend, build_model, describe_run, resolve_device, resolve_dtype
+from magi_train.model.block import AttentionCore
 
 
 def parse_args(argv=None):
@@ -94,10 +97,17 @@ def fp8_error(model, cfg, device) -> dict:
     mask = torch.zeros(1, 2, m.caption_max_length, dtype=torch.bool, device=device)
     mask[..., :64] = True
     dt = torch.full((1, 2), 4.0, device=device) if m.distill else None
+    cores = [c for c in model.modules() if isinstance(c, AttentionCore)]
+    for c in cores:  # the reference: bf16 weights and exact attention
+        c.backend = "sdpa_chunked"
     ref = model(x, t, cap, mask, None, dt).float()
     load_magi_state_dict(model, quantize_to_magi_fp8(model))
+    backend = attention_backend(cfg, device)  # what the fp8 run uses (cudnn_fp8 by default where it runs)
+    for c in cores:
+        c.backend = backend
     out = model(x, t, cap, mask, None, dt).float()
-    return {"fp8_rel_error": float((out - ref).norm() / ref.norm()), "fp8_finite": bool(torch.isfinite(out).all())}
+    return {"fp8_rel_error": float((out - ref).norm() / ref.norm()), "fp8_finite": bool(torch.isfinite(out).all()),
+            "fp8_attention": backend}
 
 
 def bench(args) -> dict:
@@ -279,7 +289,8 @@ def print_table(r: dict) -> None:
             ("peak GPU GiB", f"{r['peak_gpu_gib']:.1f}"), ("KV cache peak MiB", f"{r['kv_peak_mib']:.0f}"),
             ("s per chunk", " ".join(f"{s:.2f}" for s in r["per_chunk_s"]))]
     if "fp8_rel_error" in r:
-        rows.append(("fp8 vs bf16, one window forward", f"rel. error {r['fp8_rel_error']:.4f}, finite {r['fp8_finite']}"))
+        rows.append(("fp8 vs bf16, one window forward", f"rel. error {r['fp8_rel_error']:.4f}, finite {r['fp8_finite']}, "
+                     f"attention {r['fp8_attention']}"))
     width = max(len(k) for k, _ in rows)
     print("| " + "metric".ljust(width) + " | value |")
     print("|-" + "-" * width + "-|-------|")

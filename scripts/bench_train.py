@@ -10,7 +10,8 @@ run, read from the run's metrics.jsonl after warm-up.
 
 A run is a comma list of short keys (fp8, fp8_recipe, recompute, recompute_every, recompute_keep,
 recompute_keep_extra, recompute_extra_blocks, compile, precision: the train.* keys of the same name; the keep lists'
-names joined by '+', e.g. recompute_keep=proj+fc2, or 'none') or full overrides (key.sub=value). --profile DIR runs
+names joined by '+', e.g. recompute_keep=proj+fc2, or 'none') or full overrides (key.sub=value; e.g.
+model.attention_backend=cudnn_fp8 for fp8 attention, whose runs the precision column names). --profile DIR runs
 one more step after the measured ones under torch.profiler (train.profile_steps; not in the table's numbers) and
 copies its summary (GPU time by phase, kernel time by kind, top kernels) and Chrome trace to DIR. Columns: model TFLOP/s counts 3 x forward FLOPs
 (magi_train.training.flops; recompute excluded, as MFU usually is); 'with recompute' adds the FLOPs the recompute
@@ -103,7 +104,8 @@ def summarise(run_dir: Path, warmup: int, nproc: int = 1) -> dict:
     layout = "1 process" if nproc == 1 else f"tp{p.tp} cp{p.cp} pp{p.pp} dp{dp}" + (f" {p.dp_mode}" if dp > 1 else "")
     fp8 = Fp8Settings(t.fp8, t.fp8_recipe, t.fp8_all_gather)
     return {"layout": layout, "layers": m.num_layers, "precision": t.precision + ("" if t.fp8 == "none" else
-            f"+{t.fp8} {fp8.resolved_recipe}"), "recompute": t.recompute + (f"/{t.recompute_every}" if
+            f"+{t.fp8} {fp8.resolved_recipe}") + (" + fp8 attention (cudnn_fp8)" if m.attention_backend ==
+            "cudnn_fp8" else ""), "recompute": t.recompute + (f"/{t.recompute_every}" if
             t.recompute_every > 1 else "") + (f" keep {'+'.join(t.recompute_keep) or 'none'}" if
             t.recompute == "selective" else "") + (f", last {t.recompute_extra_blocks} also "
             f"{'+'.join(t.recompute_keep_extra)}" if t.recompute_extra_blocks else ""), "compile": t.compile, "steps": len(steady), "step_s": step_s,

@@ -5,7 +5,7 @@ from dataclasses import dataclass, fields, replace
 
 from magi_train.errors import ConfigError, check, check_choice
 
-ATTENTION_BACKENDS = ("auto", "reference", "sdpa_chunked", "flex", "flash_attn")
+ATTENTION_BACKENDS = ("auto", "reference", "sdpa_chunked", "flex", "flash_attn", "cudnn_fp8")
 LAYER_SPECS = ("auto", "local", "megatron", "te")
 
 

@@ -6,6 +6,7 @@ Backends (model.attention_backend):
   sdpa_chunked  one unmasked SDPA per query chunk over its contiguous key slice (cuDNN/flash on GPU).
   flex          torch flex_attention with a block mask (GPU; compiled).
   flash_attn    flash-attn's kernel per query chunk (optional package).
+  cudnn_fp8     sdpa_chunked's calls as cuDNN fp8 (e4m3) attention, Hopper+, optional package (attention_fp8.py).
 All take q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D] (GQA: Hq a multiple of Hkv) and return [B, Hq, Sq, D]; given
 `out` (any strides, e.g. a view of the buffer linear_proj reads) they write the result there and return it."""
 from __future__ import annotations
@@ -15,6 +16,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from .attention_fp8 import chunk_attention_fp8
 from .chunk_layout import ChunkLayout
 
 
@@ -127,7 +129,8 @@ def _flash_attn(q, k, v, layout: ChunkLayout):
     return torch.cat(outs, dim=1).transpose(1, 2)
 
 
-BACKENDS = {"reference": _reference, "sdpa_chunked": _sdpa_chunked, "flex": _flex, "flash_attn": _flash_attn}
+BACKENDS = {"reference": _reference, "sdpa_chunked": _sdpa_chunked, "flex": _flex, "flash_attn": _flash_attn,
+            "cudnn_fp8": chunk_attention_fp8}
 # What 'auto' picks per device type. Per-chunk SDPA is exact and the fastest measured on CUDA (cuDNN: 92-97% of
 # dense attention's rate, 1.3-1.5x flex; docs/benchmarks.md); on the CPU it also skips the dense S x S mask.
 AUTO_BACKENDS = {"cuda": "sdpa_chunked", "cpu": "sdpa_chunked"}

@@ -69,8 +69,10 @@ class RecomputePolicy:
 
 
 def attention_ops() -> frozenset:
-    return frozenset(getattr(torch.ops.aten, name).default for name in _ATTENTION_OPS
-                     if hasattr(torch.ops.aten, name))
+    import magi_train.model.attention_fp8  # noqa: F401  registers model.attention_backend=cudnn_fp8's op
+
+    return frozenset([getattr(torch.ops.aten, name).default for name in _ATTENTION_OPS
+                      if hasattr(torch.ops.aten, name)] + [torch.ops.magi.cudnn_fp8_attention.default])
 
 
 def gemm_ops() -> dict:

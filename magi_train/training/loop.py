@@ -96,6 +96,10 @@ class Trainer:
         env = self.runtime.env
         self.rank, self.dp_rank, self.dp_size, self.device = env.rank, env.dp_rank, env.dp, env.device
         self.amp_dtype = autocast_dtype(cfg.train, self.device)
+        if cfg.model.attention_backend == "cudnn_fp8":  # one line at start, not a traceback at the first step
+            from magi_train.model.attention_fp8 import require_cudnn_fp8
+
+            require_cudnn_fp8(self.device, cfg.model.kv_channels)
         seed_everything(cfg.train.seed + self.rank)
 
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.train.checkpoint.keep_last)
