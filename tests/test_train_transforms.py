@@ -67,10 +67,8 @@ def test_compiled_blocks_trace_one_graph_with_their_recompute(mode, extra_blocks
         assert torch.allclose(got[n], want[n], rtol=1e-4, atol=1e-6), n
 
 
-@pytest.mark.parametrize("keep", [(), ("proj", "fc2"), ("qkv", "proj", "fc1", "fc2")])
-def test_selective_recompute_skips_the_kept_gemms(keep):
-    """Selective recompute runs again in backward exactly the GEMMs of the linears it does not keep (the q/qx/k/v
-    projection is one GEMM), and the gradients are those without recompute."""
+def _backward_gemms(policy):
+    """GEMMs the backward of a 2-chunk forward runs under `policy`, the gradients, and the model."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from magi_train.parallel.recompute import gemm_ops
@@ -82,16 +80,20 @@ def test_selective_recompute_skips_the_kept_gemms(keep):
             self.count += func in gemm_ops()
             return func(*args, **(kwargs or {}))
 
-    def backward_gemms(policy):
-        model = randomize_(build_dit(CFG), std=0.05)
-        apply_transforms(model, ModelTransforms(recompute=policy))
-        out = model(*_inputs(CFG, chunks=2)).square().mean()
-        with Gemms() as seen:
-            out.backward()
-        return seen.count, {n: p.grad for n, p in model.named_parameters()}
+    model = randomize_(build_dit(CFG), std=0.05)
+    apply_transforms(model, ModelTransforms(recompute=policy))
+    out = model(*_inputs(CFG, chunks=2)).square().mean()
+    with Gemms() as seen:
+        out.backward()
+    return seen.count, {n: p.grad for n, p in model.named_parameters()}, model
 
-    plain, want = backward_gemms(RecomputePolicy("none"))
-    rerun, got = backward_gemms(RecomputePolicy("selective", keep=keep))
+
+@pytest.mark.parametrize("keep", [(), ("proj", "fc2"), ("qkv", "proj", "fc1", "fc2")])
+def test_selective_recompute_skips_the_kept_gemms(keep):
+    """Selective recompute runs again in backward exactly the GEMMs of the linears it does not keep (the q/qx/k/v
+    projection is one GEMM), and the gradients are those without recompute."""
+    plain, want, _ = _backward_gemms(RecomputePolicy("none"))
+    rerun, got, _ = _backward_gemms(RecomputePolicy("selective", keep=keep))
     # per block: the fused q/qx/k/v, caption K/V, proj, fc1, fc2 and the gating linear
     assert rerun - plain == CFG.num_layers * (6 - len(keep))
     for n in want:
@@ -101,29 +103,10 @@ def test_selective_recompute_skips_the_kept_gemms(keep):
 def test_extra_kept_linears_skip_their_gemms_in_the_last_blocks():
     """train.recompute_keep_extra=[fc1] with recompute_extra_blocks=1: the last block also keeps fc1's output (one
     GEMM fewer run again), the others keep the default set; gradients unchanged."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    from magi_train.parallel.recompute import gemm_ops
-
-    class Gemms(TorchDispatchMode):
-        count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.count += func in gemm_ops()
-            return func(*args, **(kwargs or {}))
-
-    def backward_gemms(policy):
-        model = randomize_(build_dit(CFG), std=0.05)
-        apply_transforms(model, ModelTransforms(recompute=policy))
-        out = model(*_inputs(CFG, chunks=2)).square().mean()
-        with Gemms() as seen:
-            out.backward()
-        return seen.count, {n: p.grad for n, p in model.named_parameters()}, model
-
     default = ("qkv", "proj", "fc2")
-    base, want, _ = backward_gemms(RecomputePolicy("selective", keep=default))
+    base, want, _ = _backward_gemms(RecomputePolicy("selective", keep=default))
     policy = RecomputePolicy("selective", keep=default, extra=("fc1", "fc2"), extra_blocks=1)
-    rerun, got, model = backward_gemms(policy)
+    rerun, got, model = _backward_gemms(policy)
     assert base - rerun == 1
     fns = [layer.recompute for layer in transformer_layers(model)]
     assert fns[0] is fns[1] and fns[2] is not fns[0]
