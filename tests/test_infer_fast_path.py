@@ -35,8 +35,20 @@ def test_magi1_example_json_runs_the_fast_backend_on_cuda(name, dtype, layout):
     cfg = load_infer_config(f"configs/infer/{name}.json")
     assert cfg.model.attention_backend == "auto"  # the release's json names none
     assert resolve_backend(cfg.model.attention_backend, "cuda") == "sdpa_chunked"
+    # the MAGI-1 fp8 format takes fp8 attention where cuDNN's can run (Hopper + the package), else sdpa_chunked
+    expected = "cudnn_fp8" if cfg.fp8_quant and _cudnn_fp8_runs() else "sdpa_chunked"
     assert describe_run(cfg, torch.device("cuda"), torch.bfloat16) == (
-        f"magi_infer: attention sdpa_chunked, dtype {dtype}, device cuda, layout {layout}, compile on")
+        f"magi_infer: attention {expected}, dtype {dtype}, device cuda, layout {layout}, compile on")
+
+
+def _cudnn_fp8_runs() -> bool:
+    from magi_train.model.attention_fp8 import require_cudnn_fp8
+
+    try:
+        require_cudnn_fp8("cuda", 128)
+        return True
+    except ValueError:
+        return False
 
 
 def test_reference_only_when_asked():
