@@ -21,10 +21,14 @@ from magi_train.config.train_config import DEFAULT_RECOMPUTE_KEEP
 # sequence (a copy of q; refitted on CPU after the fold, bf16's scaled by the fp32 : bf16 ratio of kv_expanded);
 # F: local ffn width; H: local heads.
 STORED = {
-    # fp32 refitted (4 CPU layers, LiveBytes) after the fused q/qx/k/v GEMM met the fused fp32 islands in block.py
-    "fp32": dict(D=49.71, Q=14.99, kv_expanded=18.44, q_folded=33.0, K=9.40, F_gated=18.25, F_gelu=8.79, H=0.29,
+    # fp32 refitted (4 CPU layers, LiveBytes) after the fused q/qx/k/v GEMM met the fused fp32 islands in block.py;
+    # Q then lowered by one saved Q-wide tensor (4 bytes fp32, measured on CPU; 2 bytes bf16, inferred, not
+    # re-measured on a GPU) when the attentions began writing into linear_proj's buffer and qx's norm stopped
+    # copying it. On CUDA the GQA fold (q_folded) no longer copies q (enable_gqa): bf16 estimates with grouped
+    # heads stay about 2 bytes per Q element high there (conservative).
+    "fp32": dict(D=49.71, Q=10.99, kv_expanded=18.44, q_folded=33.0, K=9.40, F_gated=18.25, F_gelu=8.79, H=0.29,
                  const=-1265.5),
-    "bf16": dict(D=30.67, Q=5.88, kv_expanded=11.76, q_folded=21.0, K=8.92, F_gated=8.42, F_gelu=4.39, H=0.18,
+    "bf16": dict(D=30.67, Q=3.88, kv_expanded=11.76, q_folded=21.0, K=8.92, F_gated=8.42, F_gelu=4.39, H=0.18,
                  const=-265.6),
 }
 # extra bytes per token while one layer runs its backward: the larger of a residual-width and an ffn-width term
