@@ -57,6 +57,10 @@ WORLD = ["--height", "32", "--width", "32", "--num-frames", "24", "--fps", "8", 
 FPS, PREFIX, FUTURE = 8, 12, 12
 VAE_FACTOR = 4          # 32x32 px -> 8x8 latent cells of 4x4 RGB blocks
 VAE_CHANNELS = 12       # their top principal components (experiment=quickstart in_channels): 33 dB, docs/quickstart.md
+# MAGI-1's context guidance below t = 0.3 (its cfg_t_range bins): v_alone + 10 (v_with_context - v_alone). The tiny
+# model uses its context weakly; guidance on it took the trajectory error from 14.7 px (scale 1) to 8.6 (3), 7.2 (7),
+# 6.9 (10) and 7.1 (15), PSNR and SSIM staying above copy-last-frame's up to 10 (docs/quickstart.md)
+PREV_CHUNK_SCALES = [10.0, 10.0, 10.0, 1.0, 1.0]
 STRIP_CLIPS = 4         # held-out clips shown in the PNG strip
 
 
@@ -99,11 +103,11 @@ def write_infer_config(run: Path, weights: Path, steps: int) -> Path:
         "model_config": {k: getattr(model, k) for k in (
             "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
             "in_channels", "out_channels", "caption_channels", "caption_max_length", "chunk_width",
-            "attention_backend")},
+            "patch_size", "t_patch_size", "attention_backend")},
         "runtime_config": {
             "seed": 1234, "video_size_h": 32, "video_size_w": 32, "num_frames": FUTURE, "fps": FPS,
             "num_steps": steps, "window_size": 2, "chunk_width": model.chunk_width, "cfg_number": 3,
-            "text_scales": [3.0, 3.0, 3.0, 0.0, 0.0], "prev_chunk_scales": [1.0, 1.0, 1.0, 1.0, 1.0],
+            "text_scales": [3.0, 3.0, 3.0, 0.0, 0.0], "prev_chunk_scales": PREV_CHUNK_SCALES,
             "noise2clean_kvrange": [], "clean_chunk_kvrange": -1, "shift": 3.0,
             "load": str(weights), "vae_pretrained": str(run / "vae"), "temporal_downsample_factor": 1,
             "prefix_frames": PREFIX,
@@ -159,7 +163,7 @@ def main(argv=None) -> int:
     ap.add_argument("--run-dir", default="runs/quickstart")
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--long", action="store_true",
-                   help="4x the clips and 3.3x the steps: better videos (~30 min on 2 cores)")
+                   help="4x the clips and 3.3x the steps (~30 CPU minutes; not measured yet, docs/quickstart.md)")
     g.add_argument("--fast", action="store_true", help="a minute-long smoke run of every stage (tests)")
     args = ap.parse_args(argv)
     b = BUDGETS["long" if args.long else "fast" if args.fast else "default"]
