@@ -15,23 +15,10 @@ import argparse
 
 import torch
 
+from cuda_timing import median_seconds as timed  # scripts/ is on the path when run as a script
 from magi_train.config import model_preset
 
 E4M3 = torch.float8_e4m3fn
-
-
-def timed(fn, iters: int = 10) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(iters):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def gemm(m: int, k: int, n: int, kind: str, fast_accum: bool) -> float:

@@ -15,6 +15,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
+from cuda_timing import median_seconds  # scripts/ is on the path when run as a script
 from magi_train.model import fused_ops
 from magi_train.precision.magi_fp8 import E4M3, Fp8Linear, _to_e4m3, quantize_weight
 
@@ -24,17 +25,8 @@ SHAPES = {"q / qx (3072 -> 3072)": (3072, 3072), "k / v (3072 -> 1024)": (3072, 
 
 
 def timed(fn, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(iters):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    """Median GPU milliseconds of one call."""
+    return median_seconds(fn, iters) * 1e3
 
 
 def first_version(layer: Fp8Linear, x: torch.Tensor) -> torch.Tensor:
