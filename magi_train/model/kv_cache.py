@@ -30,11 +30,6 @@ class KVCache:
                 kc, vc = kc.clone(), vc.clone()
             slot[c] = (kc, vc)
 
-    def read(self, layer: int, chunk_ids, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Concatenated K, V of the given chunks, on like's device and dtype, batch broadcast to like's batch."""
-        ks, vs = self.pieces(layer, chunk_ids, like)
-        return torch.cat(ks), torch.cat(vs)
-
     def read_before(self, layer: int, chunk_ids, k: torch.Tensor, v: torch.Tensor):
         """K, V of the cached chunk_ids followed by a forward's own k, v [S, B, H, D]: one concatenation, the only
         copy the history makes on its way to attention."""
