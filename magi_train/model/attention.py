@@ -16,7 +16,6 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from . import fused_ops
 from .attention_fp8 import chunk_attention_fp8
 from .chunk_layout import ChunkLayout
 
@@ -47,14 +46,11 @@ def _sdpa_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
 
 
 def _write(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """dst.copy_(src). Outside autograd with the compiled islands on (magi_infer on CUDA) one Inductor copy kernel
-    (fused_ops.copy_into: ATen's strided copy ran at about 0.6 TB/s on the H200, as bf16 elements and as 8-byte
-    words alike, docs/benchmarks.md issue 19); else 16-bit rows (the last dim contiguous, a multiple of 4) move as
-    8-byte words, bit for bit."""
-    grad = src.requires_grad or dst.requires_grad
-    if not grad and src.is_cuda and fused_ops.compiled_enabled():
-        return fused_ops.copy_into(dst, src)
-    words = (not grad and src.dtype == dst.dtype and src.element_size() == 2
+    """dst.copy_(src). Outside autograd, 16-bit rows (the last dim contiguous, a multiple of 4) move as 8-byte
+    words, bit for bit: both attention outputs' writes took 26 ms of a 3.7 s distilled 480p chunk on the H200
+    (ATen's strided copy of bf16 elements: about 0.7 TB/s; an Inductor copy kernel instead: 60 ms,
+    docs/benchmarks.md issue 19)."""
+    words = (not (src.requires_grad or dst.requires_grad) and src.dtype == dst.dtype and src.element_size() == 2
              and all(x.stride(-1) == 1 and x.shape[-1] % 4 == 0 and x.storage_offset() % 4 == 0
                      and all(s % 4 == 0 for s in x.stride()[:-1]) for x in (src, dst)))
     if not words:

@@ -49,17 +49,12 @@ def _gated_residual(x, residual, gate, weight, bias, eps: float):
     return (residual.float() + F.layer_norm(h, (h.shape[-1],), weight.float(), bias.float(), eps)).to(residual.dtype)
 
 
-def _copy_into(dst, src):
-    """dst.copy_(src), dst any strided view (the attention outputs into the buffer linear_proj reads)."""
-    dst.copy_(src)
-
-
 def _dequantize_into(dst, x8, descale):
-    """dst = x8 * descale in dst's dtype (the fp8 attention's O into the same buffer)."""
+    """dst = x8 * descale in dst's dtype, dst any strided view (the fp8 attention's O into linear_proj's buffer)."""
     dst.copy_((x8.float() * descale.reshape(())).to(dst.dtype))
 
 
-_EAGER = {"norm": _norm, "norm_rope": _norm_rope, "gated_residual": _gated_residual, "copy_into": _copy_into,
+_EAGER = {"norm": _norm, "norm_rope": _norm_rope, "gated_residual": _gated_residual,
           "dequantize_into": _dequantize_into}
 
 # Inductor options per island. The norms reduce over 128 (heads) or 3072 (hidden) columns; Inductor's heuristic
@@ -105,17 +100,6 @@ def norm_rope(x, weight, bias, eps: float, cos=None, sin=None, out_dtype: torch.
         mark_rows(x)
         mark_rows(cos, sin, dims=1)
     return _fn("norm_rope")(x, weight, bias, eps, cos, sin, out_dtype)
-
-
-def copy_into(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """dst.copy_(src) outside autograd: compiled, one Inductor kernel that reads src and writes dst's strides (ATen's
-    strided copy of the attention outputs into linear_proj's buffer ran at about 0.6 TB/s on the H200,
-    docs/benchmarks.md issue 19); eager, a plain copy_."""
-    if not _state["compiled"]:
-        return dst.copy_(src)
-    mark_rows(dst, src, dims=dst.dim() - 1)
-    _fn("copy_into")(dst, src)
-    return dst
 
 
 def dequantize_into(dst: torch.Tensor, x8: torch.Tensor, descale: torch.Tensor) -> torch.Tensor:
