@@ -123,6 +123,27 @@ def test_forward_matches_bf16_sdpa():
 
 
 @gpu
+@pytest.mark.parametrize("compiled", [False, True])
+def test_output_dequantised_into_the_buffer_is_the_ops_output(compiled):
+    """Outside autograd O is dequantised straight into linear_proj's buffer (a strided half of [S, B, 2, H, D]):
+    every element written, the custom op's bits."""
+    from magi_train.model import fused_ops
+
+    q, k, v, layout = _case("cuda")
+    S, B, H, D = q.shape[2], q.shape[0], q.shape[1], q.shape[3]
+    buf = torch.full((S, B, 2, H, D), float("nan"), device="cuda", dtype=torch.bfloat16)
+    fused_ops.use_compiled(compiled)
+    try:
+        with torch.no_grad():
+            want = chunk_causal_attention(q, k, v, layout, "cudnn_fp8")
+            got = chunk_causal_attention(q, k, v, layout, "cudnn_fp8", out=buf[:, :, 0].permute(1, 2, 0, 3))
+    finally:
+        fused_ops.use_compiled(False)
+    assert got.data_ptr() == buf.data_ptr() and torch.isnan(buf[:, :, 1]).all()
+    assert torch.equal(buf[:, :, 0].permute(1, 2, 0, 3), want)
+
+
+@gpu
 def test_backward_matches_bf16_sdpa():
     q, k, v, layout = _case("cuda", requires_grad=True)
     w = torch.randn(q.shape, device="cuda", dtype=q.dtype)

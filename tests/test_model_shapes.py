@@ -71,6 +71,19 @@ def test_tiny_forward_shapes_and_dtypes(tiny_cfg):
     assert out.shape == x.shape and out.dtype == torch.float32
 
 
+@pytest.mark.parametrize("B", [1, 2])
+def test_every_layer_gets_token_major_hidden_states(tiny_cfg, B):
+    """The residual stream is [S, B, D] rows in memory from the embedding on (a feature-major view made each
+    layer's LayerNorms copy it, docs/benchmarks.md issue 19)."""
+    model = build_dit(tiny_cfg)
+    seen = []
+    for layer in model.videodit_blocks.layers:
+        layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+        layer.mlp.layer_norm.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    model(torch.randn(B, 16, 12, 8, 6), torch.rand(B, 2), torch.randn(B, 5, 64))
+    assert len(seen) == 2 * len(model.videodit_blocks.layers) and all(seen)
+
+
 def test_half_channel_vae_and_rescale():
     cfg = model_preset("tiny", in_channels=32, out_channels=32, half_channel_vae=True, x_rescale_factor=0.1)
     model = build_dit(cfg)

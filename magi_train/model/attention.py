@@ -47,8 +47,9 @@ def _sdpa_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
 
 def _write(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """dst.copy_(src). Outside autograd, 16-bit rows (the last dim contiguous, a multiple of 4) move as 8-byte
-    words, bit for bit: the strided copy kernel then handles 4x fewer, wider elements (a bf16 element-wise strided
-    copy ran at about 0.7 TB/s on the H200, docs/benchmarks.md issue 19)."""
+    words, bit for bit: both attention outputs' writes took 26 ms of a 3.7 s distilled 480p chunk on the H200
+    (ATen's strided copy of bf16 elements: about 0.7 TB/s; an Inductor copy kernel instead: 60 ms,
+    docs/benchmarks.md issue 19)."""
     words = (not (src.requires_grad or dst.requires_grad) and src.dtype == dst.dtype and src.element_size() == 2
              and all(x.stride(-1) == 1 and x.shape[-1] % 4 == 0 and x.storage_offset() % 4 == 0
                      and all(s % 4 == 0 for s in x.stride()[:-1]) for x in (src, dst)))
@@ -155,6 +156,8 @@ def chunk_causal_attention(q, k, v, layout: ChunkLayout, backend: str = "auto",
     name = resolve_backend(backend, q.device)
     if name == "sdpa_chunked":
         return _sdpa_chunked(q, k, v, layout, out)
+    if name == "cudnn_fp8":  # dequantises its output straight into `out` outside autograd
+        return chunk_attention_fp8(q, k, v, layout, out)
     result = BACKENDS[name](q, k, v, layout)
     return result if out is None else _write(out, result)
 

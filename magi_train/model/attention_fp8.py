@@ -28,6 +28,8 @@ import math
 
 import torch
 
+from . import fused_ops
+
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 O_HEADROOM = 0.5
@@ -201,8 +203,9 @@ def _dev_index(x):
     return x.device.index if x.device.index is not None else torch.cuda.current_device()
 
 
-def forward_impl(q, k, v, chunk_tokens: int, kv_bounds: list[int], stats: bool):
-    """(out [q's dtype and layout], softmax stats [chunks, B, Hq, chunk_tokens, 1] fp32, or empty)."""
+def forward_impl(q, k, v, chunk_tokens: int, kv_bounds: list[int], stats: bool, out: torch.Tensor | None = None):
+    """(out [q's dtype and layout], softmax stats [chunks, B, Hq, chunk_tokens, 1] fp32, or empty). Given `out`
+    (inference: a view of the buffer linear_proj reads), O is dequantised straight into it."""
     require_cudnn_fp8(q.device, q.shape[-1])
     _check_shapes(q, k)
     sq, dsq = current_scale(q)
@@ -228,6 +231,8 @@ def forward_impl(q, k, v, chunk_tokens: int, kv_bounds: list[int], stats: bool):
         if stats:
             pack[_STATS] = st[i]
         _run(g, pack, q.device)
+    if out is not None:
+        return fused_ops.dequantize_into(out, o8, dso), st
     out = _dequantize(o8, dso, q.dtype)
     if out.stride() != q.stride():  # the op's declared layout is q's (register_fake below)
         out = torch.empty_like(q).copy_(out)
@@ -300,8 +305,10 @@ def _backward(ctx, dout, dstats):
 cudnn_fp8_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-def chunk_attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout) -> torch.Tensor:
-    """attention.py's backend 'cudnn_fp8': q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D] -> [B, Hq, Sq, D] in q's dtype."""
+def chunk_attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+    """attention.py's backend 'cudnn_fp8': q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D] -> [B, Hq, Sq, D] in q's dtype,
+    written into `out` when given (outside autograd the dequantisation writes there: no copy of O)."""
     bounds = []
     for sl in layout.kv_slices():
         if sl is None:
@@ -309,4 +316,7 @@ def chunk_attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
                                "use 'sdpa_chunked' for this layout")
         bounds += [sl[0], sl[1]]
     stats = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    return cudnn_fp8_attention(q, k, v, layout.tokens_per_chunk, bounds, stats)[0]
+    if out is not None and not stats and not out.requires_grad:
+        return forward_impl(q, k, v, layout.tokens_per_chunk, bounds, False, out)[0]
+    result = cudnn_fp8_attention(q, k, v, layout.tokens_per_chunk, bounds, stats)[0]
+    return result if out is None else out.copy_(result)

@@ -49,7 +49,20 @@ def _gated_residual(x, residual, gate, weight, bias, eps: float):
     return (residual.float() + F.layer_norm(h, (h.shape[-1],), weight.float(), bias.float(), eps)).to(residual.dtype)
 
 
-_EAGER = {"norm": _norm, "norm_rope": _norm_rope, "gated_residual": _gated_residual}
+def _dequantize_into(dst, x8, descale):
+    """dst = x8 * descale in dst's dtype, dst any strided view (the fp8 attention's O into linear_proj's buffer)."""
+    dst.copy_((x8.float() * descale.reshape(())).to(dst.dtype))
+
+
+_EAGER = {"norm": _norm, "norm_rope": _norm_rope, "gated_residual": _gated_residual,
+          "dequantize_into": _dequantize_into}
+
+# Inductor options per island. The norms reduce over 128 (heads) or 3072 (hidden) columns; Inductor's heuristic
+# takes a one-pass (persistent) reduction only up to 1024 columns of a plainly laid out row, and up to 64 for the
+# strided views of the q/qx/k GEMM output, so every norm ran as a looped two-pass kernel (the gated residual at
+# about 1.3 TB/s, the q/qx/k norms at about 1 TB/s on the H200, docs/benchmarks.md issue 19). multi_kernel also
+# generates the persistent kernel and keeps whichever runs faster on the first call.
+ISLAND_OPTIONS: dict[str, dict] = {name: {"triton.multi_kernel": 1} for name in ("norm", "norm_rope", "gated_residual")}
 
 
 @functools.lru_cache(maxsize=None)
@@ -58,7 +71,7 @@ def _compiled(name: str):
     # with the feature sizes (hidden, heads, head_dim) fixed, so the norm reduces over a known width. Measured on
     # the 4.5B model (H200, docs/benchmarks.md issue 19): the islands took 194 ms a steady chunk against 238 with
     # every dim dynamic.
-    return torch.compile(_EAGER[name], dynamic=False)
+    return torch.compile(_EAGER[name], dynamic=False, options=ISLAND_OPTIONS.get(name) or None)
 
 
 def mark_rows(*tensors, dims: int = 2) -> None:
@@ -87,6 +100,14 @@ def norm_rope(x, weight, bias, eps: float, cos=None, sin=None, out_dtype: torch.
         mark_rows(x)
         mark_rows(cos, sin, dims=1)
     return _fn("norm_rope")(x, weight, bias, eps, cos, sin, out_dtype)
+
+
+def dequantize_into(dst: torch.Tensor, x8: torch.Tensor, descale: torch.Tensor) -> torch.Tensor:
+    """dst = x8 * descale (fp32 arithmetic, cast to dst's dtype), written into dst (any strides) in one pass."""
+    if _state["compiled"]:
+        mark_rows(dst, x8, dims=dst.dim() - 1)
+    _fn("dequantize_into")(dst, x8, descale)
+    return dst
 
 
 def gated_residual(x, residual, gate, weight, bias, eps: float) -> torch.Tensor:
