@@ -45,22 +45,27 @@ class Budget:
 
 BUDGETS = {
     "fast": Budget(train_clips=32, val_clips=2, dit_steps=8, eval_clips=2, sampler_steps=4, batch_size=4),
-    "default": Budget(train_clips=768, val_clips=16, dit_steps=900, eval_clips=16, sampler_steps=16),
-    "long": Budget(train_clips=3000, val_clips=16, dit_steps=3000, eval_clips=16, sampler_steps=16),
+    "default": Budget(train_clips=768, val_clips=16, dit_steps=2400, eval_clips=16, sampler_steps=16),
+    "long": Budget(train_clips=3000, val_clips=16, dit_steps=7200, eval_clips=16, sampler_steps=16),
 }
 # One thread in every stage. The count changes float sums (1e-8 in the weights after 6 steps at 1 vs 2 threads),
 # so it is fixed for the same weights on every machine; and this model's tensors are so small that on a busy
 # machine a second thread only spin-waits (precompute ran 8x slower with two, measured in docs/quickstart.md).
 THREADS = 1
+# Training runs data parallel over TRAIN_PROCESSES processes of one thread each (torchrun, gloo; data.batch_size is
+# per process, so the global batch stays Budget.batch_size): both cores of the reference machine, twice the samples
+# of one process in the same wall time. A sum over two ranks is commutative, so the weights are the same on every
+# run (docs/quickstart.md).
+TRAIN_PROCESSES = 2
 # crf 0: lossless, so the decoded clips (and all that is computed from them) are the same on every run
 WORLD = ["--height", "32", "--width", "32", "--num-frames", "24", "--fps", "8", "--crf", "0"]
 FPS, PREFIX, FUTURE = 8, 12, 12
 VAE_FACTOR = 4          # 32x32 px -> 8x8 latent cells of 4x4 RGB blocks
 VAE_CHANNELS = 12       # their top principal components (experiment=quickstart in_channels): 33 dB, docs/quickstart.md
-# MAGI-1's context guidance below t = 0.3 (its cfg_t_range bins): v_alone + 10 (v_with_context - v_alone). The tiny
-# model uses its context weakly; guidance on it took the trajectory error from 14.7 px (scale 1) to 8.6 (3), 7.2 (7),
-# 6.9 (10) and 7.1 (15), PSNR and SSIM staying above copy-last-frame's up to 10 (docs/quickstart.md)
-PREV_CHUNK_SCALES = [10.0, 10.0, 10.0, 1.0, 1.0]
+# MAGI-1's context guidance below t = 0.3 (its cfg_t_range bins): v_alone + 7 (v_with_context - v_alone). The tiny
+# model uses its context weakly; guidance on it takes the trajectory error of the default's weights from 13.9 px
+# (scale 1) to 6.2 (5), 5.6 (7) and 5.8 (10), PSNR and SSIM above copy-last-frame's (docs/quickstart.md)
+PREV_CHUNK_SCALES = [7.0, 7.0, 7.0, 1.0, 1.0]
 STRIP_CLIPS = 4         # held-out clips shown in the PNG strip
 
 
@@ -87,6 +92,12 @@ def stage(name: str, done: Path | None, cmd: list[str], timings: dict, env=None)
         sys.exit(f"[quickstart] {name} failed with exit code {proc.returncode}; rerun the same command to continue")
 
 
+def train_launcher() -> list[str]:
+    if TRAIN_PROCESSES == 1:
+        return [PY]
+    return [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={TRAIN_PROCESSES}"]
+
+
 def latest_export(run: Path) -> Path:
     exports = sorted((run / "dit" / "export").glob("step_*"))
     if not exports:
@@ -98,7 +109,7 @@ def write_infer_config(run: Path, weights: Path, steps: int) -> Path:
     """Run-time keys as MAGI-1 users know them, for the tiny model of experiment=quickstart."""
     from magi_train.training.config_loading import load_config
 
-    model = load_config([f"experiment=quickstart", f"data.shards={run}"]).model
+    model = load_config(["experiment=quickstart", f"data.shards={run}"]).model
     cfg = {
         "model_config": {k: getattr(model, k) for k in (
             "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
@@ -191,9 +202,10 @@ def main(argv=None) -> int:
                "--vae-kind", "small", "--vae-path", str(run / "vae"), "--text-kind", "hash"], timings)
         (shards / f"latent_{split}" / "DONE").touch()
     stage("train", run / "dit" / "export",
-          [PY, "-m", "magi_train.train", "experiment=quickstart", f"output_dir={run}", "name=dit",
+          [*train_launcher(), "-m", "magi_train.train", "experiment=quickstart", f"output_dir={run}", "name=dit",
            f"data.shards={shards / 'latent_train'}", f"data.val_shards={shards / 'latent_val'}",
-           f"train.max_steps={b.dit_steps}", f"data.batch_size={b.batch_size}",
+           f"train.max_steps={b.dit_steps}", f"data.batch_size={b.batch_size // TRAIN_PROCESSES}",
+           f"parallel.dp={TRAIN_PROCESSES}", "parallel.dp_mode=ddp",
            "train.checkpoint.every_steps=" + str(max(b.dit_steps // 3, 1)),
            "train.validation.every_steps=" + str(max(b.dit_steps // 3, 1))], timings,
           env={"WANDB_MODE": os.environ.get("WANDB_MODE", "offline")})
