@@ -11,8 +11,9 @@
   8. a PNG strip (truth | model | copy-last-frame) and the T2V object check (captions of 4 held-out clips)
 
 Every budget counts steps and samples, never seconds, and each process runs one thread (training: two, data
-parallel), so a busy machine trains the same thing as an idle one. The world's mp4s are lossless (x264 at crf 0): x264 does not write the same bytes
-on every run, but lossless clips decode to the same frames whatever bytes it chose (docs/quickstart.md). Every
+parallel), so a busy machine trains the same thing as an idle one. The world's mp4s are lossless (x264 at crf 0):
+x264 does not write the same bytes on every run, but lossless clips decode to the same frames whatever bytes it
+chose (docs/quickstart.md). Every
 stage whose output already exists is skipped, so a crashed run continues where it stopped. What was tried and
 measured: docs/quickstart.md.
     python scripts/quickstart.py [--run-dir runs/quickstart] [--long | --fast]
@@ -53,9 +54,9 @@ BUDGETS = {
 # machine a second thread only spin-waits (precompute ran 8x slower with two, measured in docs/quickstart.md).
 THREADS = 1
 # Training runs data parallel over TRAIN_PROCESSES processes of one thread each (torchrun, gloo; data.batch_size is
-# per process, so the global batch stays Budget.batch_size): both cores of the reference machine, twice the samples
-# of one process in the same wall time. A sum over two ranks is commutative, so the weights are the same on every
-# run (docs/quickstart.md).
+# per process, so the global batch stays Budget.batch_size): both cores of the reference machine, 1.5-1.7x the
+# samples per second of one process (not 2x: the all-reduce and shared caches, docs/quickstart.md). A sum over two
+# ranks is commutative, so the weights are the same on every run.
 TRAIN_PROCESSES = 2
 # crf 0: lossless, so the decoded clips (and all that is computed from them) are the same on every run
 WORLD = ["--height", "32", "--width", "32", "--num-frames", "24", "--fps", "8", "--crf", "0"]
