@@ -28,7 +28,8 @@ def make_eval_fixture(root: Path, num_clips: int = 2) -> dict:
         torch.manual_seed(i)
         ckpts.append(save_magi_checkpoint(build_dit(model_cfg), run / "export" / f"step_{step:08d}"))
     keys = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
-            "in_channels", "out_channels", "caption_channels", "caption_max_length", "chunk_width", "attention_backend")
+            "in_channels", "out_channels", "caption_channels", "caption_max_length", "chunk_width", "patch_size", "t_patch_size",
+            "attention_backend")
     infer = {"model_config": {k: getattr(model_cfg, k) for k in keys},
              "runtime_config": {"seed": 1234, "video_size_h": 32, "video_size_w": 32, "fps": 8, "window_size": 2,
                                 "num_steps": 2, "cfg_number": 1, "noise2clean_kvrange": [],

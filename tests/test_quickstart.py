@@ -44,7 +44,9 @@ def test_fast_quickstart_end_to_end(tmp_path):
     strip = Image.open(summary["strip"])   # 2 clips x 3 rows (truth | model | copy) of 32 px frames, enlarged 4x
     assert strip.size[1] > 2 * 3 * 128 and strip.size[0] >= 7 * 128
     assert (run / "videos" / "t2v.png").exists()
-    assert set(summary["t2v"]) == {"frames_with_object", "travel_px", "pixels"}
+    assert set(summary["t2v"]) == {"frames_with_object", "travel_px", "pixels", "per_prompt"}
+    assert len(summary["t2v"]["per_prompt"]) == 2   # T2V from each held-out clip's caption (--fast has 2)
+    assert Image.open(run / "videos" / "t2v.png").size[1] > 2 * 128
     assert json.loads((run / "vae" / "config.json").read_text())["arch"]["architecture"] == "patch"
     # a rerun skips every finished stage
     again = subprocess.run([sys.executable, "scripts/quickstart.py", "--fast", "--run-dir", str(run)], cwd=ROOT,

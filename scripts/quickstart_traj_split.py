@@ -1,0 +1,61 @@
+#!/usr/bin/env python
+"""What the V2V trajectory error of an evaluation cell is made of: the (frame, object) pairs whose object the
+tracker finds in the prediction, and their centroid error, against the pairs it loses, which magi_eval counts as
+far as the frame's diagonal (45 px at 32x32). Reads the cell's clip videos (run magi_eval with videos=N for all N
+clips; the mp4s are crf 18, so a pixel or two may differ from the frames magi_eval scored). One row per cell.
+
+  python scripts/quickstart_traj_split.py --clips runs/quickstart/world/val CELL_DIR [CELL_DIR ...]"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def split(cell: Path, clips: Path, prefix: int) -> dict:
+    from data_tools.world_tracker import track_centroids
+    from magi_train.data.video_codec import read_video
+    from magi_train.evaluation import copy_last_frame
+
+    found, found_copy, lost, n, clips_seen = [], [], 0, 0, 0
+    for video in sorted(cell.glob("clip*[0-9].mp4"), key=lambda p: int(p.stem[4:])):
+        i = int(video.stem[4:])
+        traj = json.loads((clips / f"val-{i:06d}.json").read_text())
+        pred = read_video(video)[0][prefix:]
+        truth_frames = read_video(cell / f"clip{i}_truth.mp4")[0]
+        copy = copy_last_frame(truth_frames[:prefix], len(pred))
+        objs = traj["objects"]
+        truth = np.stack([np.asarray(o["centers"], np.float64)[prefix:prefix + len(pred)] for o in objs], axis=1)
+        colours = [o["rgb"] for o in objs]
+        for frames, out in ((pred, found), (copy, found_copy)):
+            d = np.hypot(*(track_centroids(frames, colours) - truth).transpose(2, 0, 1))
+            visible = np.isfinite(truth).all(-1)
+            out.extend(d[visible & np.isfinite(d)].tolist())
+            if out is found:
+                lost += int((visible & ~np.isfinite(d)).sum())
+                n += int(visible.sum())
+        clips_seen += 1
+    return {"clips": clips_seen, "pairs": n, "lost": lost / max(n, 1), "found_err": float(np.mean(found)),
+            "copy_found_err": float(np.mean(found_copy))}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--clips", required=True, help="the held-out clips (world/val) with their trajectory json")
+    ap.add_argument("--prefix-frames", type=int, default=12)
+    ap.add_argument("cells", nargs="+")
+    args = ap.parse_args(argv)
+    print("| cell | clips | (frame, object) pairs | lost | error of the found px | copy-last-frame's px |")
+    print("|---|---|---|---|---|---|")
+    for cell in args.cells:
+        r = split(Path(cell), Path(args.clips), args.prefix_frames)
+        print(f"| {Path(cell).name} | {r['clips']} | {r['pairs']} | {r['lost']:.1%} | {r['found_err']:.2f} "
+              f"| {r['copy_found_err']:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
