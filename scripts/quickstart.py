@@ -157,21 +157,31 @@ def write_png_strip(cell_dir: Path, out: Path, clips: int) -> Path:
     return write_strip(out, rows, prefix_frames=PREFIX, every=2)
 
 
+def t2v_presence(frames_dir: Path, trajectories: Path):
+    """(object_presence of one T2V video's PNG frames for the colours its clip's trajectory json names, the frames
+    [T, H, W, 3] uint8)."""
+    import numpy as np
+    from PIL import Image
+
+    from data_tools.world_tracker import object_presence
+
+    frames = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted(frames_dir.glob("frame_*.png"))])
+    return object_presence(frames, [o["rgb"] for o in json.loads(trajectories.read_text())["objects"]]), frames
+
+
 def t2v_check(videos: list[tuple[Path, Path]], strip: Path) -> dict:
     """Share of the T2V frames holding an object of a colour the prompt names and how far it travels, per
     (frames_dir, trajectories json) of a prompt and their mean, on the lossless PNG frames magi_infer dumps (the
     mp4's x264 bytes vary between runs; the PNGs do not); the frames also go to a PNG strip, a row per prompt."""
     import numpy as np
-    from PIL import Image
 
-    from data_tools.world_tracker import object_presence
     from magi_train.evaluation.png_strip import write_strip
 
     rows, per_prompt = [], []
     for frames_dir, trajectories in videos:
-        frames = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted(frames_dir.glob("frame_*.png"))])
+        presence, frames = t2v_presence(frames_dir, trajectories)
         rows.append((frames,))
-        per_prompt.append(object_presence(frames, [o["rgb"] for o in json.loads(trajectories.read_text())["objects"]]))
+        per_prompt.append(presence)
     write_strip(strip, rows, prefix_frames=1, every=2, labels=["T2V"])
     out = {k: float(np.mean([r[k] for r in per_prompt])) for k in ("frames_with_object", "travel_px", "pixels")}
     return {**out, "per_prompt": per_prompt}

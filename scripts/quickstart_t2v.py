@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import shlex
 import sys
@@ -25,10 +24,8 @@ import numpy as np
 
 
 def t2v_presence(run: Path, clip: int, overrides: list[str], work: Path) -> tuple[dict, np.ndarray]:
-    from PIL import Image
-
-    from data_tools.world_tracker import object_presence
     from magi_infer.cli import main as infer
+    from quickstart import t2v_presence as presence   # the quickstart's own check of one video
 
     val = run / "world" / "val"
     prompt = (val / f"val-{clip:06d}.txt").read_text().strip()
@@ -38,9 +35,7 @@ def t2v_presence(run: Path, clip: int, overrides: list[str], work: Path) -> tupl
     with contextlib.redirect_stdout(io.StringIO()):
         if infer(argv) != 0:
             sys.exit(f"magi_infer failed for clip {clip} with {overrides}")
-    frames = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted(frames_dir.glob("frame_*.png"))])
-    colours = [o["rgb"] for o in json.loads((val / f"val-{clip:06d}.json").read_text())["objects"]]
-    return object_presence(frames, colours), frames
+    return presence(frames_dir, val / f"val-{clip:06d}.json")
 
 
 def main(argv=None) -> int:
