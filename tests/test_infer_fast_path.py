@@ -208,9 +208,12 @@ def test_compiled_islands_serve_every_window_length_with_one_kernel():
         before = counters["stats"]["unique_graphs"]
         for tokens in (12, 20, 36):
             x, res = (torch.randn(tokens, 1, 32, generator=g) for _ in range(2))
-            gate = torch.randn(1, tokens, 64, generator=g).transpose(0, 1)[..., :32]  # the block's strided view
-            torch.testing.assert_close(fused_ops.gated_residual(x, res, gate, w, b, 1e-6),
-                                       fused_ops._gated_residual(x, res, gate, w, b, 1e-6), rtol=1e-5, atol=1e-5)
+            gates = torch.randn(1, 3, 64, generator=g)[..., :32]  # the block's per-chunk view
+            token_chunk = torch.arange(3).repeat_interleave(tokens // 3 + 1)[:tokens]
+            y, normed = fused_ops.gated_residual(x, res, gates, token_chunk, w, b, 1e-6)
+            assert normed is None  # the one-pass kernel is CUDA only
+            torch.testing.assert_close(y, fused_ops._gated_residual(x, res, gates[:, token_chunk].transpose(0, 1),
+                                                                    w, b, 1e-6), rtol=1e-5, atol=1e-5)
         assert counters["stats"]["unique_graphs"] - before == 1
     finally:
         fused_ops.use_compiled(False)

@@ -158,8 +158,9 @@ class MLP(nn.Module):
         self.linear_fc1 = spec.column(cfg.hidden_size, cfg.ffn_hidden_size * (2 if self.gated else 1), "fc1")
         self.linear_fc2 = spec.row(cfg.ffn_hidden_size, cfg.hidden_size, "fc2")
 
-    def forward(self, x):
-        h = self.linear_fc1(self.layer_norm(x))
+    def forward(self, x, normed=None):
+        """normed: layer_norm(x) when the gated residual before already computed it (fused_ops.gated_residual)."""
+        h = self.linear_fc1(self.layer_norm(x) if normed is None else normed)
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
@@ -191,12 +192,14 @@ class TransformerLayer(nn.Module):
         # checkpointing. None: the plain forward (inference, no recompute).
         self.recompute = None
 
-    def _gated_residual(self, x, residual, gate, norm):
-        # residual + post_norm(gate * x), in fp32 as MAGI-1 does: one fused island (model/fused_ops.py). The gate
-        # comes gathered per token: reading it per chunk inside the compiled island (an indexed load) made the
-        # island 1.65x slower on the H200 (docs/benchmarks.md, issue 19)
+    def _gated_residual(self, x, residual, gate, token_chunk, norm, next_norm=None):
+        # residual + post_norm(gate * x), in fp32 as MAGI-1 does: one fused island (model/fused_ops.py), which
+        # may also return next_norm(result) (else None). The gate goes per chunk: the one-pass CUDA kernel reads
+        # it so; the Inductor island gets it gathered per token (an indexed load inside it made it 1.65x slower
+        # on the H200, docs/benchmarks.md, issue 19)
         with _fp32(x.device.type):
-            return fused_ops.gated_residual(x, residual, gate, *_affine(norm), norm.eps)
+            nxt = None if next_norm is None else (next_norm.weight, next_norm.bias, next_norm.eps)
+            return fused_ops.gated_residual(x, residual, gate, token_chunk, *_affine(norm), norm.eps, nxt)
 
     def forward(self, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         if self.recompute is not None:
@@ -205,8 +208,8 @@ class TransformerLayer(nn.Module):
 
     def compute(self, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         gates = self.ada_modulate_layer(ctx.cond.to(x.dtype))      # [B, n, 2D], in the blocks' dtype
-        gates = gates[:, ctx.token_chunk].transpose(0, 1)          # [S, B, 2D]
-        g_msa, g_mlp = gates.chunk(2, dim=-1)
-        x = self._gated_residual(self.self_attention(x, ctx, self.layer_number), x, g_msa, self.self_attn_post_norm)
-        x = self._gated_residual(self.mlp(x), x, g_mlp, self.mlp_post_norm)
+        g_msa, g_mlp = gates.chunk(2, dim=-1)                      # [B, n, D] each, per chunk
+        x, normed = self._gated_residual(self.self_attention(x, ctx, self.layer_number), x, g_msa, ctx.token_chunk,
+                                         self.self_attn_post_norm, self.mlp.layer_norm)
+        x, _ = self._gated_residual(self.mlp(x, normed), x, g_mlp, ctx.token_chunk, self.mlp_post_norm)
         return x

@@ -1,4 +1,5 @@
-"""The fp32 elementwise islands of a transformer layer as pure functions: eager by default, compiled on request.
+"""The fp32 elementwise islands of a transformer layer as pure functions: eager by default, compiled on request
+(Inductor; on CUDA without autograd the hand-written Triton kernels of triton_islands.py where they apply).
 
 MAGI-1 keeps the q/k norms, RoPE and the gated residuals in fp32. Eager, each island is a chain of 4-8 kernels
 over an fp32 copy of a [tokens, hidden] tensor (about 0.3 ms a pass for a 480p window of 47k tokens, some 10 ms a
@@ -14,6 +15,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from . import triton_islands
 from .rope import apply_rope
 
 _state = {"compiled": False}
@@ -90,6 +92,8 @@ def _fn(name: str):
 def norm_rope(x, weight, bias, eps: float, cos=None, sin=None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """fp32 LayerNorm of x's last dim, then RoPE when cos/sin are given (x [S, B, heads, head_dim])."""
     out_dtype = out_dtype or x.dtype
+    if _state["compiled"] and triton_islands.supports_norm_rope(x):  # one pass, RoPE included (triton_islands.py)
+        return triton_islands.norm_rope(x, weight, bias, eps, cos, sin, out_dtype)
     if cos is None:  # any leading shape: flattened to rows of heads, so one compiled kernel serves every caller
         # (the leading dims merge without a copy; merging the heads too would copy qx, a view of the q/qx/k/v GEMM)
         rows = x.reshape(-1, *x.shape[-2:]) if x.dim() > 2 else x
@@ -110,8 +114,14 @@ def dequantize_into(dst: torch.Tensor, x8: torch.Tensor, descale: torch.Tensor) 
     return dst
 
 
-def gated_residual(x, residual, gate, weight, bias, eps: float) -> torch.Tensor:
-    """residual + LayerNorm(gate * x) over the last dim, all three [S, B, D] (gate may be a strided view)."""
+def gated_residual(x, residual, gate, token_chunk, weight, bias, eps: float, next_norm=None):
+    """residual + LayerNorm(gate * x) over the last dim: x/residual [S, B, D], gate per chunk [B, n, D] (a view)
+    with token_chunk [S] each token's chunk. Returns (y, normed): normed is next_norm = (weight, bias, eps)
+    applied to y when the one-pass CUDA kernel (model/triton_islands.py, compiled islands only) did it from its
+    registers, else None and the caller normalises y itself."""
+    if _state["compiled"] and triton_islands.supports_gated_residual(x, residual, gate):
+        return triton_islands.gated_residual(x, residual, gate, token_chunk, weight, bias, eps, next_norm)
+    gate = gate[:, token_chunk].transpose(0, 1)  # [S, B, D]
     if _state["compiled"]:
         mark_rows(x, residual, gate)
-    return _fn("gated_residual")(x, residual, gate, weight, bias, eps)
+    return _fn("gated_residual")(x, residual, gate, weight, bias, eps), None
