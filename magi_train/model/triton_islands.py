@@ -11,7 +11,8 @@ Inductor islands remain for everything else. Why by hand (H200, 4.5B at 480p, do
 - head norm + RoPE: Inductor splits it into a norm kernel and a RoPE kernel (the rotation pairs columns R apart,
   after the reduction). Here a program normalises all heads of a token and rotates them in one pass.
 
-Arithmetic as the eager islands: fp32 products, norms, rotations and sums, one cast at the end; the second norm
+The widths (hidden, heads, head_dim, rotary half) are compile-time constants: a model has a few, and the masks
+then cost nothing. Arithmetic as the eager islands: fp32 products, norms, rotations and sums, one cast at the end; the second norm
 of the gated residual is taken of the cast value, as nn.LayerNorm would take it. Forward only (no autograd)."""
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def _kernels():
 
     @triton.autotune(configs=warps, key=["D", "NORM2"])
     @triton.jit
-    def gated_residual_rows(X, R, G, TC, W, Bw, Y, W2, B2, Y2, batch, D,
+    def gated_residual_rows(X, R, G, TC, W, Bw, Y, W2, B2, Y2, batch, D: tl.constexpr,
                             sx_s, sx_b, sr_s, sr_b, sg_b, sg_n, sy_s, sy_b, sy2_s, sy2_b, eps, eps2,
                             BLOCK: tl.constexpr, NORM2: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
@@ -70,8 +71,8 @@ def _kernels():
 
     @triton.autotune(configs=warps[:2], key=["H", "D", "ROPE"])
     @triton.jit
-    def norm_rope_rows(X, W, Bw, COS, SIN, Y, per_cos, H, D, RD, sx_r, sx_h, sy_r, sy_h, sc, eps,
-                       HB: tl.constexpr, DB: tl.constexpr, ROPE: tl.constexpr):
+    def norm_rope_rows(X, W, Bw, COS, SIN, Y, per_cos, H: tl.constexpr, D: tl.constexpr, RD: tl.constexpr,
+                       sx_r, sx_h, sy_r, sy_h, sc, eps, HB: tl.constexpr, DB: tl.constexpr, ROPE: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         h = tl.arange(0, HB)[:, None]
         c = tl.arange(0, DB)[None, :]
