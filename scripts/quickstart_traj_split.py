@@ -38,12 +38,12 @@ def split(cell: Path, clips: Path, prefix: int) -> dict:
             d = np.hypot(*(track_centroids(frames, colours) - truth).transpose(2, 0, 1))
             dists.append(d)
             out.extend(d[visible & np.isfinite(d)].tolist())
-            if out is found:
-                lost += int((visible & ~np.isfinite(d)).sum())
-                n += int(visible.sum())
+        model_lost = visible & ~np.isfinite(dists[0])
+        lost += int(model_lost.sum())
+        n += int(visible.sum())
         both = visible & np.isfinite(dists[0]) & np.isfinite(dists[1])
         rows = np.stack([np.where(both, dists[0], 0).sum(1), np.where(both, dists[1], 0).sum(1), both.sum(1),
-                         (visible & ~np.isfinite(dists[0])).sum(1)], axis=1)
+                         model_lost.sum(1)], axis=1)
         per_frame = rows if per_frame is None else per_frame + rows
         clips_seen += 1
     return {"clips": clips_seen, "pairs": n, "lost": lost / max(n, 1), "found_err": float(np.mean(found)),

@@ -12,8 +12,9 @@ Inductor islands remain for everything else. Why by hand (H200, 4.5B at 480p, do
   after the reduction). Here a program normalises all heads of a token and rotates them in one pass.
 
 The widths (hidden, heads, head_dim, rotary half) are compile-time constants: a model has a few, and the masks
-then cost nothing. Arithmetic as the eager islands: fp32 products, norms, rotations and sums, one cast at the end; the second norm
-of the gated residual is taken of the cast value, as nn.LayerNorm would take it. Forward only (no autograd)."""
+then cost nothing. Arithmetic as the eager islands: fp32 products, norms, rotations and sums, one cast at the end;
+the second norm of the gated residual is taken of the cast value, as nn.LayerNorm would take it. Forward only (no
+autograd)."""
 from __future__ import annotations
 
 import functools
@@ -23,7 +24,9 @@ import torch
 MAX_COLUMNS = 8192
 
 
+@functools.lru_cache(maxsize=None)
 def available() -> bool:
+    # asked on every island call (three a layer-forward): the import is tried once
     try:
         import triton  # noqa: F401
     except ImportError:
