@@ -20,7 +20,7 @@ def _quickstart_world_args() -> list[str]:
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
-    return module.WORLD
+    return module.world_args()
 
 
 def _arg(args: list[str], name: str) -> str:
@@ -47,7 +47,8 @@ def test_world_cli_writes_what_the_quickstart_asks(tmp_path):
     subprocess.run([sys.executable, "-m", "data_tools.synthetic_world", str(tmp_path), "--num-clips", "1",
                     "--seed", "3", *args], cwd=ROOT, check=True, capture_output=True)
     cfg = WorldConfig(height=int(_arg(args, "--height")), width=int(_arg(args, "--width")),
-                      num_frames=int(_arg(args, "--num-frames")), fps=float(_arg(args, "--fps")))
+                      num_frames=int(_arg(args, "--num-frames")), fps=float(_arg(args, "--fps")),
+                      max_objects=int(_arg(args, "--max-objects")))
     frames = generate_clip(cfg, clip_seed(3, 0)).frames
     reference = write_video(tmp_path / "reference.mp4", frames, cfg.fps, crf=0, preset="veryslow", threads=1)
     np.testing.assert_array_equal(read_video(tmp_path / "train-000000.mp4")[0], read_video(reference)[0])
