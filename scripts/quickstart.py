@@ -74,11 +74,18 @@ def world_args(max_objects: int = MAX_OBJECTS) -> list[str]:
 FPS, PREFIX, FUTURE = 8, 12, 12
 VAE_FACTOR = 4          # 32x32 px -> 8x8 latent cells of 4x4 RGB blocks
 VAE_CHANNELS = 12       # their top principal components (experiment=quickstart in_channels): 33 dB, docs/quickstart.md
-# MAGI-1's context guidance below t = 0.3 (its cfg_t_range bins): v_alone + 2 (v_with_context - v_alone). On the
-# one-object world the model uses its context well: the default's weights give 2.35 px at scale 1, 2.05 at 2, 2.26
-# at 3 and 3.22 at 7 (the 1-3 object world's best, which weakly conditioned models needed), mean of 3 sampler seeds
-# (docs/quickstart.md)
-PREV_CHUNK_SCALES = [2.0, 2.0, 2.0, 1.0, 1.0]
+# MAGI-1's context guidance below t = 0.3 (its cfg_t_range bins): v_alone + k (v_with_context - v_alone), k by the
+# world's objects a clip. On the one-object world the model uses its context well: its weights give 2.35 px at k = 1,
+# 2.05 at 2, 2.26 at 3 and 3.22 at 7 (mean of 3 sampler seeds). With collisions the model's context signal is weak
+# and the 1-3 object world needs 7: 13.9 px at 1, 6.2 at 5, 5.6 at 7, 5.8 at 10 (docs/quickstart.md)
+CONTEXT_GUIDANCE = {1: 2.0, 2: 7.0, 3: 7.0}
+
+
+def prev_chunk_scales(max_objects: int) -> list[float]:
+    k = CONTEXT_GUIDANCE[max_objects]
+    return [k, k, k, 1.0, 1.0]
+
+
 STRIP_CLIPS = 4         # held-out clips shown in the PNG strip
 # T2V from the captions of this many held-out clips, the check over all: one video is one sample, and one prompt's
 # sample says little (--long's weights drew the first prompt's object in 8% of frames, 7 others' in 96-100%)
@@ -121,7 +128,7 @@ def latest_export(run: Path) -> Path:
     return exports[-1]
 
 
-def write_infer_config(run: Path, weights: Path, steps: int) -> Path:
+def write_infer_config(run: Path, weights: Path, steps: int, max_objects: int) -> Path:
     """Run-time keys as MAGI-1 users know them, for the tiny model of experiment=quickstart."""
     from magi_train.training.config_loading import load_config
 
@@ -134,7 +141,7 @@ def write_infer_config(run: Path, weights: Path, steps: int) -> Path:
         "runtime_config": {
             "seed": 1234, "video_size_h": 32, "video_size_w": 32, "num_frames": FUTURE, "fps": FPS,
             "num_steps": steps, "window_size": 2, "chunk_width": model.chunk_width, "cfg_number": 3,
-            "text_scales": [3.0, 3.0, 3.0, 0.0, 0.0], "prev_chunk_scales": PREV_CHUNK_SCALES,
+            "text_scales": [3.0, 3.0, 3.0, 0.0, 0.0], "prev_chunk_scales": prev_chunk_scales(max_objects),
             "noise2clean_kvrange": [], "clean_chunk_kvrange": -1, "shift": 3.0,
             "load": str(weights), "vae_pretrained": str(run / "vae"), "temporal_downsample_factor": 1,
             "prefix_frames": PREFIX,
@@ -206,7 +213,7 @@ def main(argv=None) -> int:
     g.add_argument("--long", action="store_true",
                    help="4x the clips and 3x the steps (~22 minutes on 2 cores, docs/quickstart.md)")
     g.add_argument("--fast", action="store_true", help="a minute-long smoke run of every stage (tests)")
-    ap.add_argument("--max-objects", type=int, default=MAX_OBJECTS, choices=(1, 2, 3),
+    ap.add_argument("--max-objects", type=int, default=MAX_OBJECTS, choices=sorted(CONTEXT_GUIDANCE),
                     help=f"objects a clip, 1 to N (default {MAX_OBJECTS}; 2-3 collide: docs/quickstart.md)")
     args = ap.parse_args(argv)
     b = BUDGETS["long" if args.long else "fast" if args.fast else "default"]
@@ -216,6 +223,13 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
 
     world = run / "world"
+    # finished stages are skipped on a rerun, so a run directory keeps the world it was made with
+    made_with = world / "world_args.json"
+    if made_with.exists() and json.loads(made_with.read_text()) != world_args(args.max_objects):
+        sys.exit(f"[quickstart] --max-objects {args.max_objects}: {run} holds a world made with "
+                 f"{' '.join(json.loads(made_with.read_text()))}; use another --run-dir")
+    world.mkdir(exist_ok=True)
+    made_with.write_text(json.dumps(world_args(args.max_objects)))
     stage("world/train", world / "train" / f"train-{b.train_clips - 1:06d}.mp4",
           [PY, "-m", "data_tools.synthetic_world", str(world / "train"), "--num-clips", str(b.train_clips),
            "--seed", "0", "--split", "train", *world_args(args.max_objects)], timings)
@@ -241,7 +255,7 @@ def main(argv=None) -> int:
            "train.checkpoint.every_steps=" + str(max(b.dit_steps // 3, 1)),
            "train.validation.every_steps=" + str(max(b.dit_steps // 3, 1))], timings,
           env={"WANDB_MODE": os.environ.get("WANDB_MODE", "offline")})
-    infer_cfg = write_infer_config(run, latest_export(run), b.sampler_steps)
+    infer_cfg = write_infer_config(run, latest_export(run), b.sampler_steps, args.max_objects)
     videos = run / "videos"
     videos.mkdir(exist_ok=True)
     prompt = (world / "val" / "val-000000.txt").read_text().strip()

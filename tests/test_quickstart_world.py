@@ -3,6 +3,7 @@ x264 bytes that differed in 12-14 of 48 clips, so the latent space and the weigh
 reproducible, so the quickstart encodes losslessly: whatever bytes x264 writes, they decode to the same frames.
 Here two presets stand in for two runs (they make different bytes, as the varying runs did)."""
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -52,3 +53,21 @@ def test_world_cli_writes_what_the_quickstart_asks(tmp_path):
     frames = generate_clip(cfg, clip_seed(3, 0)).frames
     reference = write_video(tmp_path / "reference.mp4", frames, cfg.fps, crf=0, preset="veryslow", threads=1)
     np.testing.assert_array_equal(read_video(tmp_path / "train-000000.mp4")[0], read_video(reference)[0])
+
+
+def test_a_run_directory_keeps_the_world_it_was_made_with(tmp_path):
+    """Finished stages are skipped on a rerun, so asking for another object count in the same run directory would
+    score a model of one world with the sampler settings of another: the quickstart refuses, naming the flag."""
+    spec = importlib.util.spec_from_file_location("quickstart_guard", ROOT / "scripts" / "quickstart.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    world = tmp_path / "world"
+    world.mkdir()
+    (world / "world_args.json").write_text(json.dumps(module.world_args(1)))
+    try:
+        module.main(["--run-dir", str(tmp_path), "--max-objects", "3"])
+    except SystemExit as exit_:
+        assert "--max-objects 3" in str(exit_.code) and "--max-objects 1" in str(exit_.code)
+    else:
+        raise AssertionError("the quickstart reused a world made with another object count")
