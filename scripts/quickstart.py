@@ -211,7 +211,7 @@ def main(argv=None) -> int:
     ap.add_argument("--run-dir", default="runs/quickstart")
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--long", action="store_true",
-                   help="4x the clips and 3x the steps (~22 minutes on 2 cores, docs/quickstart.md)")
+                   help="4x the clips and 3x the steps (~25 minutes on 2 cores, docs/quickstart.md)")
     g.add_argument("--fast", action="store_true", help="a minute-long smoke run of every stage (tests)")
     ap.add_argument("--max-objects", type=int, default=MAX_OBJECTS, choices=sorted(CONTEXT_GUIDANCE),
                     help=f"objects a clip, 1 to N (default {MAX_OBJECTS}; 2-3 collide: docs/quickstart.md)")
