@@ -214,7 +214,7 @@ def main(argv=None) -> int:
                    help="4x the clips and 3x the steps (~25 minutes on 2 cores, docs/quickstart.md)")
     g.add_argument("--fast", action="store_true", help="a minute-long smoke run of every stage (tests)")
     ap.add_argument("--max-objects", type=int, default=MAX_OBJECTS, choices=sorted(CONTEXT_GUIDANCE),
-                    help=f"objects a clip, 1 to N (default {MAX_OBJECTS}; 2-3 collide: docs/quickstart.md)")
+                    help=f"objects a clip are drawn from 1 to this (default {MAX_OBJECTS}; 2-3 collide: docs/quickstart.md)")
     args = ap.parse_args(argv)
     b = BUDGETS["long" if args.long else "fast" if args.fast else "default"]
     run = Path(args.run_dir).resolve()
@@ -222,20 +222,21 @@ def main(argv=None) -> int:
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
 
-    world = run / "world"
+    world, world_cli = run / "world", world_args(args.max_objects)
     # finished stages are skipped on a rerun, so a run directory keeps the world it was made with
     made_with = world / "world_args.json"
-    if made_with.exists() and json.loads(made_with.read_text()) != world_args(args.max_objects):
+    earlier = json.loads(made_with.read_text()) if made_with.exists() else world_cli
+    if earlier != world_cli:
         sys.exit(f"[quickstart] --max-objects {args.max_objects}: {run} holds a world made with "
-                 f"{' '.join(json.loads(made_with.read_text()))}; use another --run-dir")
+                 f"{' '.join(earlier)}; use another --run-dir")
     world.mkdir(exist_ok=True)
-    made_with.write_text(json.dumps(world_args(args.max_objects)))
+    made_with.write_text(json.dumps(world_cli))
     stage("world/train", world / "train" / f"train-{b.train_clips - 1:06d}.mp4",
           [PY, "-m", "data_tools.synthetic_world", str(world / "train"), "--num-clips", str(b.train_clips),
-           "--seed", "0", "--split", "train", *world_args(args.max_objects)], timings)
+           "--seed", "0", "--split", "train", *world_cli], timings)
     stage("world/val", world / "val" / f"val-{b.val_clips - 1:06d}.mp4",
           [PY, "-m", "data_tools.synthetic_world", str(world / "val"), "--num-clips", str(b.val_clips),
-           "--seed", "1", "--split", "val", *world_args(args.max_objects)], timings)
+           "--seed", "1", "--split", "val", *world_cli], timings)
     shards = run / "shards"
     for split in ("train", "val"):
         stage(f"shards/{split}", shards / f"raw_{split}" / "report.json",

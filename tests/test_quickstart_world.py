@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from data_tools.synthetic_world import WorldConfig, clip_seed, generate_clip
 from magi_train.data.video_codec import read_video, write_video
@@ -16,12 +17,16 @@ from magi_train.data.video_codec import read_video, write_video
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _quickstart_world_args() -> list[str]:
+def _quickstart():
     spec = importlib.util.spec_from_file_location("quickstart_world_args", ROOT / "scripts" / "quickstart.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
-    return module.world_args()
+    return module
+
+
+def _quickstart_world_args() -> list[str]:
+    return _quickstart().world_args()
 
 
 def _arg(args: list[str], name: str) -> str:
@@ -58,16 +63,10 @@ def test_world_cli_writes_what_the_quickstart_asks(tmp_path):
 def test_a_run_directory_keeps_the_world_it_was_made_with(tmp_path):
     """Finished stages are skipped on a rerun, so asking for another object count in the same run directory would
     score a model of one world with the sampler settings of another: the quickstart refuses, naming the flag."""
-    spec = importlib.util.spec_from_file_location("quickstart_guard", ROOT / "scripts" / "quickstart.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = _quickstart()
     world = tmp_path / "world"
     world.mkdir()
     (world / "world_args.json").write_text(json.dumps(module.world_args(1)))
-    try:
+    with pytest.raises(SystemExit) as exit_:
         module.main(["--run-dir", str(tmp_path), "--max-objects", "3"])
-    except SystemExit as exit_:
-        assert "--max-objects 3" in str(exit_.code) and "--max-objects 1" in str(exit_.code)
-    else:
-        raise AssertionError("the quickstart reused a world made with another object count")
+    assert "--max-objects 3" in str(exit_.value.code) and "--max-objects 1" in str(exit_.value.code)
